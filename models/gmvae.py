@@ -1,0 +1,114 @@
+"""The GMVAE generative process as a Pyro model."""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro.nn import PyroModule
+from pyro.ops.indexing import Vindex
+
+from pyro_gmvae.likelihoods import Likelihood
+from pyro_gmvae.objective import (
+    Regularization,
+    cluster_log_posterior,
+    entropy,
+    kl_categorical,
+    z_prior_adjustment,
+)
+from pyro_gmvae.priors import MixturePrior
+
+CLUSTER_POSTERIORS = ("exact", "guide")
+
+
+class GMVAE(PyroModule):
+    """Gaussian mixture VAE (Dilokthanakul et al. 2016), the generative side.
+
+    Process, one sample site per line, per example in the ``"data"`` plate::
+
+        w ~ N(0, I)                                          "w"  (Dw,)
+        z ~ Categorical(pi)                                  "z"  enumerated in parallel
+        x | z, w ~ N(mu_z(w), diag sigma_z(w)^2)             "x"  (Dx,)
+        y | x ~ likelihood(decoder(x))                       "y"  data shape
+
+    plus one ``pyro.factor("regularizer", ...)`` carrying ``-(eta - 1) z_prior - alpha cv``
+    (only the ``cv`` part when the guide owns the cluster posterior, as the v1 guide does).
+
+    Parameters
+    ----------
+    prior : MixturePrior
+        p(w), p(z) and the component generator.
+    likelihood : Likelihood
+        Maps decoder output to p(y | x).
+    decoder : nn.Module
+        x (..., Dx) -> (..., likelihood.num_params, *data_shape).
+    data_shape : tuple of int
+    regularization : Regularization
+        eta, alpha and the free-bits threshold.
+    cluster_posterior : {"exact", "guide"}
+        Where r comes from: "exact" (p(z|x,w); the v2 guide) or "guide" (q(z|y); v1).
+    """
+
+    def __init__(
+        self,
+        prior: MixturePrior,
+        likelihood: Likelihood,
+        decoder: torch.nn.Module,
+        data_shape: tuple[int, ...],
+        regularization: Regularization = Regularization(),
+        cluster_posterior: str = "exact",
+    ):
+        super().__init__()
+        if cluster_posterior not in CLUSTER_POSTERIORS:
+            raise ValueError(f"cluster_posterior must be one of {CLUSTER_POSTERIORS}, got {cluster_posterior!r}")
+        self.prior = prior
+        self.likelihood = likelihood
+        self.decoder = decoder
+        self.data_shape = tuple(data_shape)
+        self.regularization = regularization
+        self.cluster_posterior = cluster_posterior
+
+    # --- factors, each callable from a notebook -------------------------------------
+    def p_w(self, batch_size: int):
+        """p(w) = N(0, I), batch shape (B,)."""
+        return self.prior.p_w(batch_size)
+
+    def p_z(self, batch_size: int):
+        """p(z) = Categorical(pi), batch shape (B,)."""
+        return self.prior.p_z(batch_size)
+
+    def p_x(self, w: torch.Tensor, z: torch.Tensor):
+        """p(x | z, w): the z-th component at w; z broadcasts against w's batch shape."""
+        loc, scale = self.prior.components(w)  # (..., K, Dx)
+        loc = Vindex(loc)[..., z, :]
+        scale = Vindex(scale)[..., z, :]
+        return pyro.distributions.Normal(loc, scale).to_event(1)
+
+    def p_y(self, x: torch.Tensor):
+        """p(y | x), event shape ``data_shape``."""
+        return self.likelihood(self.decoder(x), len(self.data_shape))
+
+    def cluster_log_posterior(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """log p(z | x, w), shape x.shape[:-1] + (K,)."""
+        loc, scale = self.prior.components(w)
+        return cluster_log_posterior(self.prior.cluster_log_weights(), loc, scale, x)
+
+    def regularizer(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Value of the ``"regularizer"`` factor at (x, w), shape x.shape[:-1]."""
+        reg = self.regularization
+        log_r = self.cluster_log_posterior(x, w)
+        value = -reg.cv_weight * entropy(log_r)
+        if self.cluster_posterior == "exact" and reg.touches_z_prior:
+            value = value + z_prior_adjustment(kl_categorical(log_r, self.prior.cluster_log_weights()), reg)
+        return value
+
+    # --- the model ------------------------------------------------------------------
+    def forward(self, y: torch.Tensor) -> None:
+        batch_size = y.shape[0]
+        reg = self.regularization
+        with pyro.plate("data", batch_size):
+            w = pyro.sample("w", self.p_w(batch_size))
+            z = pyro.sample("z", self.p_z(batch_size), infer={"enumerate": "parallel"})
+            x = pyro.sample("x", self.p_x(w, z))
+            pyro.sample("y", self.p_y(x), obs=y)
+            if reg.cv_weight > 0 or (self.cluster_posterior == "exact" and reg.touches_z_prior):
+                pyro.factor("regularizer", self.regularizer(x, w))

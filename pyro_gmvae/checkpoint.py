@@ -1,0 +1,83 @@
+"""Atomic, verified checkpoints.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk and then
+renamed over the old one, so a run killed at any moment leaves either the previous
+complete checkpoint or the new complete one, never a torn file.  Loading checks the
+format marker and version and says clearly what is wrong with a truncated or foreign file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pyro_gmvae.errors import UserInputError
+
+FORMAT = "pyro_gmvae-checkpoint"
+VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` via a flushed temporary file and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+    with _suppress():  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Save ``state`` (plain tensors, numbers, dicts) atomically with a format marker."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load and verify a checkpoint; raise UserInputError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"no checkpoint at {path}; train a run there first (experiments/run.py --out ...)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise UserInputError(
+            f"checkpoint {path} is unreadable ({type(err).__name__}); it is truncated or not a pyro_gmvae checkpoint"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserInputError(f"{path} is not a pyro_gmvae checkpoint (no '{FORMAT}' marker)")
+    if state.get("version") != VERSION:
+        raise UserInputError(
+            f"checkpoint {path} has format version {state.get('version')}, this pyro_gmvae reads version {VERSION}"
+        )
+    return state

@@ -1,0 +1,211 @@
+"""Data sets: the spiral toy set, MNIST, SVHN and a user's ``.npz`` arrays.
+
+Everything returns a :class:`Dataset` of float32 tensors in memory.  Small data sets go to
+the device as one tensor and batches are index slices (see ``training``), which is far
+faster than a per-item DataLoader.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyro_gmvae.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+DATA_ENV = "PYRO_GMVAE_DATA"
+DATASETS = ("spiral", "spiral-original", "mnist", "svhn", "PATH.npz")
+
+
+@dataclass
+class Dataset:
+    """Train and test arrays.  ``labels`` are int64 or None when the data has none."""
+
+    name: str
+    x: torch.Tensor  # (N, *data_shape) float32
+    labels: torch.Tensor | None
+    x_test: torch.Tensor
+    labels_test: torch.Tensor | None
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+
+def default_data_root() -> str:
+    return os.environ.get(DATA_ENV) or "./data"
+
+
+# --- spiral -------------------------------------------------------------------------
+def make_spiral(num_points: int = 5000, seed: int = 0, num_arms: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """The original's 5-arm crescent set, regenerated with labels.
+
+    Recipe (measured from the original file, see shared/data/spiral/README.md): arm c is
+    an arc of radius 0.36 around C_c = 0.6 (cos b_c, sin b_c), b_c = 4 deg + 72 deg c; the
+    angle along the arc is N(0, 0.56^2) around b_c + 90 deg; radial noise has std 0.025.
+
+    Returns ``(points (N, 2) float32, labels (N,) int64)``, shuffled.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_arms, size=num_points)
+    base = np.deg2rad(4.0) + 2 * np.pi / num_arms * labels
+    centre = 0.6 * np.stack([np.cos(base), np.sin(base)], -1)
+    phi = base + np.pi / 2 + rng.normal(0.0, 0.56, size=num_points)
+    radius = 0.36 + 0.025 * rng.normal(size=num_points)
+    points = centre + radius[:, None] * np.stack([np.cos(phi), np.sin(phi)], -1)
+    return points.astype(np.float32), labels.astype(np.int64)
+
+
+def load_spiral(num_train: int = 5000, num_test: int = 1000) -> Dataset:
+    """Generated spiral set with arm labels; the test split comes from another seed."""
+    x, labels = make_spiral(num_train, seed=0)
+    x_test, labels_test = make_spiral(num_test, seed=1)
+    return Dataset("spiral", torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(x_test),
+                   torch.from_numpy(labels_test))
+
+
+def load_spiral_csv(root: str) -> Dataset:
+    """The original repository's 5000-point set (``<root>/spiral/spiral.csv``, no labels).
+
+    There is no test split in the original; the last 1000 rows serve as one.
+    """
+    path = Path(root) / "spiral" / "spiral.csv"
+    _require_file(path, "the original spiral set")
+    x = torch.from_numpy(np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float32))
+    return Dataset("spiral-original", x[:4000], None, x[4000:], None)
+
+
+# --- images -------------------------------------------------------------------------
+def _require_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise UserInputError(
+            f"{what} not found at {path}; set --data-root or ${DATA_ENV} to the folder that holds it"
+        )
+
+
+def _torchvision_images(dataset) -> torch.Tensor:
+    data = dataset.data
+    data = torch.as_tensor(data)
+    if data.dim() == 3:  # MNIST: (N, 28, 28) uint8
+        data = data.unsqueeze(1)
+    return data.to(torch.float32) / 255.0  # grey levels in [0, 1], no binarisation
+
+
+def load_mnist(root: str, download: bool = False) -> Dataset:
+    """MNIST through torchvision, pixels in [0, 1]: 60k train, 10k test."""
+    from torchvision.datasets import MNIST
+
+    if not download:
+        _require_file(Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte", "MNIST")
+    train = MNIST(root, train=True, download=download)
+    test = MNIST(root, train=False, download=download)
+    return Dataset("mnist", _torchvision_images(train), train.targets.long(), _torchvision_images(test),
+                   test.targets.long())
+
+
+def load_svhn(root: str, download: bool = False, extra: bool = False) -> Dataset:
+    """SVHN through torchvision (``<root>/svhn/{train,test}_32x32.mat``), pixels in [0, 1]."""
+    from torchvision.datasets import SVHN
+
+    folder = Path(root) / "svhn"
+    if not download:
+        for split in ("train", "test") + (("extra",) if extra else ()):
+            _require_file(folder / f"{split}_32x32.mat", f"SVHN {split} split")
+    splits = [SVHN(str(folder), split="train", download=download)]
+    if extra:
+        splits.append(SVHN(str(folder), split="extra", download=download))
+    test = SVHN(str(folder), split="test", download=download)
+    x = torch.cat([torch.from_numpy(s.data).float() / 255.0 for s in splits])
+    labels = torch.cat([torch.from_numpy(s.labels).long() for s in splits])
+    return Dataset("svhn", x, labels, torch.from_numpy(test.data).float() / 255.0, torch.from_numpy(test.labels).long())
+
+
+# --- user arrays --------------------------------------------------------------------
+def load_npz(path: str) -> Dataset:
+    """A user's arrays: ``x`` (N, ...) and optional ``labels``, ``x_test``, ``labels_test``.
+
+    Without ``x_test`` the last 10% of ``x`` (at least one example) is held out as test.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise UserInputError(f"data file {file} not found; pass an existing .npz with an array named 'x'")
+    try:
+        arrays = dict(np.load(file, allow_pickle=False))
+    except Exception as err:  # numpy raises several types for corrupt files
+        raise UserInputError(f"cannot read {file} as .npz ({err}); save it with numpy.savez") from None
+    if "x" not in arrays:
+        raise UserInputError(f"{file} has no array 'x' (found {sorted(arrays)}); save the data as x=...")
+    x = _as_float(arrays["x"], f"{file}:x")
+    labels = _as_labels(arrays.get("labels"), len(x), f"{file}:labels")
+    if "x_test" in arrays:
+        x_test = _as_float(arrays["x_test"], f"{file}:x_test")
+        if x_test.shape[1:] != x.shape[1:]:
+            raise UserInputError(f"{file}: x_test has shape {tuple(x_test.shape)} but x has {tuple(x.shape)}; "
+                                 "they must agree after the first dimension")
+        labels_test = _as_labels(arrays.get("labels_test"), len(x_test), f"{file}:labels_test")
+    else:
+        num_test = max(1, math.ceil(0.1 * len(x)))
+        x, x_test = x[:-num_test], x[-num_test:]
+        labels_test = None if labels is None else labels[-num_test:]
+        labels = None if labels is None else labels[:-num_test]
+    return Dataset(file.stem, x, labels, x_test, labels_test)
+
+
+def _as_float(array: np.ndarray, what: str) -> torch.Tensor:
+    if array.ndim < 2 or array.shape[0] == 0:
+        raise UserInputError(f"{what} has shape {array.shape}; it needs (num_examples, features...)")
+    if not np.issubdtype(array.dtype, np.number):
+        raise UserInputError(f"{what} has dtype {array.dtype}; it must be numeric")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _as_labels(array, length: int, what: str) -> torch.Tensor | None:
+    if array is None:
+        return None
+    if array.shape != (length,) or not np.issubdtype(array.dtype, np.integer):
+        raise UserInputError(f"{what} must be integers of shape ({length},), got {array.dtype} {array.shape}")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+# --- entry point --------------------------------------------------------------------
+def load_dataset(name: str, root: str | None = None, download: bool = False) -> Dataset:
+    """Load a data set by name (``spiral``, ``spiral-original``, ``mnist``, ``svhn``) or path."""
+    root = root or default_data_root()
+    if name.endswith(".npz"):
+        return load_npz(name)
+    if name == "spiral":
+        return load_spiral()
+    if name == "spiral-original":
+        return load_spiral_csv(root)
+    if name == "mnist":
+        return load_mnist(root, download)
+    if name == "svhn":
+        return load_svhn(root, download)
+    raise UserInputError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def validate_dataset(data: Dataset, data_range: tuple[float, float] | None, batch_size: int) -> None:
+    """Check values and sizes against the likelihood and the batch size; raise UserInputError."""
+    for split, x in (("training", data.x), ("test", data.x_test)):
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).any(dim=tuple(range(1, x.dim()))).sum())
+            raise UserInputError(f"{data.name}: {bad} {split} examples hold NaN or infinite values; clean the data")
+        if data_range is not None:
+            low, high = data_range
+            if x.min() < low or x.max() > high:
+                raise UserInputError(
+                    f"{data.name}: {split} values span [{x.min():.4g}, {x.max():.4g}] but the likelihood needs "
+                    f"[{low:g}, {high:g}]; rescale the data or use --likelihood gaussian"
+                )
+    if len(data.x) < batch_size:
+        raise UserInputError(
+            f"{data.name}: {len(data.x)} training examples, fewer than the batch size {batch_size}; "
+            "lower --batch-size"
+        )

@@ -1,0 +1,346 @@
+"""Training: a plain torch loop over ``TraceEnum_ELBO(...)(model, guide)`` with Adam.
+
+``train(config)`` does a whole run: validates the options and the data, builds model and
+guide, trains with a progress bar, evaluates on the test split every epoch, writes the
+run folder (DESIGN.md section 8) and returns a :class:`RunResult`.  Each epoch ends with
+an atomic checkpoint that holds everything needed to resume bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from pyro_gmvae import checkpoint as ckpt
+from pyro_gmvae.build import CHOICES, build_model_and_guide
+from pyro_gmvae.config import Config
+from pyro_gmvae.data import DATASETS, Dataset, load_dataset, validate_dataset
+from pyro_gmvae.errors import NonFiniteLossError, UserInputError
+from pyro_gmvae.metrics import clustering_metrics
+from pyro_gmvae.likelihoods import LIKELIHOODS
+from pyro_gmvae.objective import elbo_terms, make_elbo
+from pyro_gmvae.posterior import cluster_probs, elbo_terms_dataset
+
+logger = logging.getLogger(__name__)
+
+# Options that fix the architecture: a checkpoint only resumes or loads under the same ones.
+ARCHITECTURE_KEYS = ("data", "network", "likelihood", "prior", "guide", "K", "x_dim", "w_dim", "hidden_dim")
+FINAL_KEYS = ("acc_paper", "acc_hungarian", "purity", "nmi", "ari", "elbo", "clusters_used", "epochs", "seconds")
+
+
+@dataclass
+class RunResult:
+    out: Path
+    config: Config
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    history: list[dict]
+    final: dict
+
+
+# --- validation -----------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """Turn ``cpu``, ``cuda`` or ``cuda:N`` into a device, or raise UserInputError."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserInputError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserInputError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UserInputError(f"device {name!r} requested but only {count} GPU(s) exist (cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise UserInputError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    return device
+
+
+def validate_config(config: Config) -> None:
+    """Check a resolved config; raise UserInputError with the fix."""
+    if not (config.data in DATASETS or config.data.endswith(".npz")):
+        raise UserInputError(f"unknown data set {config.data!r}; choose one of {', '.join(DATASETS)}")
+    for key, valid in CHOICES.items():
+        if getattr(config, key) not in valid:
+            raise UserInputError(f"unknown {key} {getattr(config, key)!r}; choose one of {', '.join(valid)}")
+    for key in ("K", "x_dim", "w_dim", "hidden_dim", "epochs", "batch_size", "mc_samples"):
+        value = getattr(config, key)
+        if not isinstance(value, int) or value < 1:
+            flag = "--" + key.replace("_", "-")
+            raise UserInputError(f"{flag} must be a positive integer, got {value}")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise UserInputError(f"--lr must be a positive number, got {config.lr}")
+    for key in ("z_prior_weight", "cv_weight", "free_bits"):
+        value = getattr(config, key)
+        if not (value >= 0 and math.isfinite(value)):
+            raise UserInputError(f"--{key.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for key in ("train_subset", "test_subset"):
+        value = getattr(config, key)
+        if value is not None and value < 1:
+            raise UserInputError(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def prepare_data(config: Config, data: Dataset | None = None) -> Dataset:
+    """Load (unless given), subset and validate the data for a resolved config."""
+    if data is None:
+        data = load_dataset(config.data, config.data_root, config.download)
+    if config.train_subset:
+        data.x = data.x[: config.train_subset]
+        data.labels = None if data.labels is None else data.labels[: config.train_subset]
+    if config.test_subset:
+        data.x_test = data.x_test[: config.test_subset]
+        data.labels_test = None if data.labels_test is None else data.labels_test[: config.test_subset]
+    validate_dataset(data, LIKELIHOODS[config.likelihood].data_range, config.batch_size)
+    return data
+
+
+def default_out(config: Config) -> Path:
+    name = Path(config.data).stem if config.data.endswith(".npz") else config.data
+    return Path("runs") / f"{name}-{config.guide}-K{config.K}-seed{config.seed}"
+
+
+def check_out_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds another run, unless told to."""
+    if resume:
+        if not (out / ckpt.CHECKPOINT_NAME).is_file():
+            raise UserInputError(f"--resume given but {out} holds no checkpoint; drop --resume to start a new run")
+        return
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserInputError(f"{out} already holds files; pass --resume to continue it or --overwrite to replace it")
+
+
+# --- RNG state ------------------------------------------------------------------------
+def _rng_state(shuffle: torch.Generator) -> dict:
+    # numpy's state holds an ndarray, which weights_only loading refuses: store a tensor.
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "shuffle": shuffle.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, shuffle: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    shuffle.set_state(state["shuffle"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- evaluation -----------------------------------------------------------------------
+def evaluate(model, guide, data: Dataset, num_particles: int = 1) -> dict:
+    """Mean ELBO terms and clustering metrics on the test split."""
+    terms = elbo_terms_dataset(model, guide, data.x_test, num_particles)
+    out = {name: float(value.mean()) for name, value in terms.items()}
+    probs = cluster_probs(model, guide, data.x_test)
+    out.update(clustering_metrics(probs, data.labels_test))
+    return out
+
+
+# --- the run --------------------------------------------------------------------------
+def _versions() -> dict:
+    import platform
+
+    import pyro_gmvae
+
+    return {
+        "pyro_gmvae": pyro_gmvae.__version__,
+        "pyro": pyro.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    ckpt.atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def _nonfinite_report(model, guide, y: torch.Tensor) -> str:
+    """Name the input or the ELBO terms that went non-finite on a batch."""
+    if not torch.isfinite(y).all():
+        return "the input batch holds NaN or infinite values"
+    with torch.no_grad():
+        terms = elbo_terms(model, guide, y)
+    bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
+    if bad:
+        return "non-finite terms: " + ", ".join(bad)
+    return "the loss is finite but a gradient is not"
+
+
+def train(
+    config: Config,
+    resume: bool = False,
+    overwrite: bool = False,
+    data: Dataset | None = None,
+    make_figures: bool = True,
+) -> RunResult:
+    """Train a GMVAE run as described by ``config`` and write its run folder.
+
+    Parameters
+    ----------
+    config : Config
+        Options; ``None`` entries are filled from the data preset.
+    resume : bool
+        Continue the run in ``config.out`` from its checkpoint; ``config.epochs`` is the total.
+    overwrite : bool
+        Replace whatever ``config.out`` holds.
+    data : Dataset, optional
+        Use these arrays instead of loading ``config.data``.
+    make_figures : bool
+        Write ``figures/*.png`` at the end.
+    """
+    pyro.settings.set(module_local_params=True)
+    config = config.resolved()
+    validate_config(config)
+    device = resolve_device(config.device)
+    out = Path(config.out) if config.out else default_out(config)
+    config.out = str(out)
+    check_out_folder(out, resume, overwrite)
+    state = None
+    if resume:
+        state = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME)
+        check_compatible(state["config"], config)
+    data = prepare_data(config, data)
+
+    pyro.set_rng_seed(config.seed)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    model, guide = build_model_and_guide(config, data.data_shape)
+    model.to(device)
+    guide.to(device)
+    loss_fn = make_elbo(config.mc_samples)(model, guide)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=config.lr)
+    history: list[dict] = []
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        guide.load_state_dict(state["guide"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], shuffle)
+        history = list(state["history"])
+        start_epoch = state["epoch"]
+    elif overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(out / "config.json", json.dumps({**config.to_dict(), "versions": _versions()}, indent=2))
+    # The checkpoint is the record: metrics.jsonl is rewritten from it, so a run killed
+    # between the two files never shows an epoch that the checkpoint does not hold.
+    _write_jsonl(out / "metrics.jsonl", history)
+
+    x_train = data.x.to(device)
+    num_train = len(x_train)
+    batch_size = config.batch_size
+    steps_per_epoch = num_train // batch_size  # drop the ragged last batch: BatchNorm needs > 1
+    check_every = 1 if device.type == "cpu" else 50  # a check syncs the host; free on CPU
+    elapsed = history[-1]["elapsed"] if history else 0.0
+    bar = tqdm(
+        total=(config.epochs - start_epoch) * steps_per_epoch,
+        disable=not config.progress,
+        desc=f"{config.data} K={config.K}",
+        unit="step",
+        mininterval=0.5,
+    )
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        guide.train()
+        perm = torch.randperm(num_train, generator=shuffle).to(device)
+        total = torch.zeros((), device=device)
+        bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        for step in range(steps_per_epoch):
+            y = x_train[perm[step * batch_size : (step + 1) * batch_size]]
+            loss = loss_fn(y) / batch_size
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in loss_fn.parameters() if p.grad is not None])
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
+            if (step + 1) % check_every == 0 or step + 1 == steps_per_epoch:
+                if int(bad_step) >= 0:
+                    bar.close()
+                    first = int(bad_step)
+                    y_bad = x_train[perm[first * batch_size : (first + 1) * batch_size]]
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient at epoch {epoch}, step {first + 1}: "
+                        f"{_nonfinite_report(model, guide, y_bad)}; the last good checkpoint "
+                        f"(epoch {start_epoch if not history else history[-1]['epoch']}) in {out} is intact"
+                    )
+            optimizer.step()
+            total += loss.detach()
+            bar.update(1)
+        train_seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, "train_loss": float(total) / steps_per_epoch}
+        row.update({f"test_{k}" if k in ("elbo", "loss") else k: v for k, v in evaluate(model, guide, data).items()})
+        elapsed += train_seconds
+        row.update(seconds=train_seconds, elapsed=elapsed)
+        history.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"acc": f"{row['acc_hungarian']:.3f}"}
+                                                          if "acc_hungarian" in row else {}))
+        ckpt.save_checkpoint(
+            out / ckpt.CHECKPOINT_NAME,
+            {
+                "config": config.to_dict(),
+                "data_shape": list(data.data_shape),
+                "model": model.state_dict(),
+                "guide": guide.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(shuffle),
+                "epoch": epoch,
+                "history": history,
+                "versions": _versions(),
+            },
+        )
+        _append_jsonl(out / "metrics.jsonl", row)
+        logger.info("epoch %d: %s", epoch, row)
+    bar.close()
+
+    final = final_metrics(history)
+    ckpt.atomic_write_text(out / "metrics.json", json.dumps(final, indent=2))
+    if make_figures:
+        from pyro_gmvae.plots import make_run_figures
+
+        make_run_figures(out, model, guide, data, history)
+    return RunResult(out, config, model, guide, history, final)
+
+
+def final_metrics(history: list[dict]) -> dict:
+    """The ``metrics.json`` summary from the last epoch's evaluation."""
+    last = history[-1]
+    final = {key: last.get(key) for key in FINAL_KEYS}
+    final.update(elbo=last["test_elbo"], epochs=last["epoch"], seconds=last["elapsed"])
+    return final
+
+
+def check_compatible(saved: dict, config: Config) -> None:
+    """A checkpoint only fits a config with the same architecture; say which option differs."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(config, k)!r}" for k in ARCHITECTURE_KEYS
+             if saved.get(k) != getattr(config, k)]
+    if diffs:
+        raise UserInputError("checkpoint does not match the requested run (" + "; ".join(diffs) + ")")
+
