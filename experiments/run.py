@@ -19,25 +19,37 @@ from pyro_gmvae.build import CHOICES
 from pyro_gmvae.config import Config
 from pyro_gmvae.data import DATA_ENV, DATASETS
 from pyro_gmvae.errors import NonFiniteLossError, UserInputError
-from pyro_gmvae.training import train
+from pyro_gmvae.training import default_out, train
+
+
+def _names(key: str) -> str:
+    return " | ".join(CHOICES[key])
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``error: ...``), like every other error here."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see --help\n")
 
 
 def parser() -> argparse.ArgumentParser:
     defaults = Config()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         # Only flags the user gives reach the config, so --resume can tell them apart.
         argument_default=argparse.SUPPRESS,
     )
     add = p.add_argument
+    # No argparse ``choices``: its error spans several lines; validate_config names the valid ones.
     add("--data", help=f"one of {', '.join(DATASETS)} (default {defaults.data})")
     add("--data-root", help=f"folder holding the data sets (default ${DATA_ENV}, then ./data)")
     add("--download", action="store_true", help="let torchvision download MNIST / SVHN into --data-root")
-    add("--network", choices=CHOICES["network"], help="encoder/decoder family (default: data preset)")
-    add("--likelihood", choices=CHOICES["likelihood"], help="p(y|x) (default: data preset)")
-    add("--prior", choices=CHOICES["prior"], help=f"cluster weights: fixed uniform or learned (default {defaults.prior})")
-    add("--guide", choices=CHOICES["guide"], help=f"v2: exact p(z|x,w); v1: q(z|y) head (default {defaults.guide})")
+    add("--network", help=f"encoder/decoder family: {_names('network')} (default: data preset)")
+    add("--likelihood", help=f"p(y|x): {_names('likelihood')} (default: data preset)")
+    add("--prior", help=f"cluster weights: {_names('prior')} (fixed uniform or learned; default {defaults.prior})")
+    add("--guide", help=f"{_names('guide')}; v2: exact p(z|x,w), v1: q(z|y) head (default {defaults.guide})")
     add("--K", type=int, help="number of clusters (default: data preset)")
     add("--x-dim", type=int, help="Dx, size of x (default: data preset)")
     add("--w-dim", type=int, help="Dw, size of w (default: data preset)")
@@ -69,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool, bool]:
     if resume:
         # Start from the saved options; flags given now override them (checked for
         # compatibility against the checkpoint when training starts).
-        out = Path(given.get("out") or Config(**given).resolved().out or "")
+        out = Path(given["out"]) if "out" in given else default_out(Config(**given).resolved())
         config_file = out / "config.json"
         if not config_file.is_file():
             raise UserInputError(f"--resume given but {config_file} does not exist; pass the run folder with --out")

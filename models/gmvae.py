@@ -9,6 +9,7 @@ from pyro.ops.indexing import Vindex
 
 from pyro_gmvae.likelihoods import Likelihood
 from pyro_gmvae.objective import (
+    ComponentNormal,
     Regularization,
     cluster_log_posterior,
     entropy,
@@ -92,10 +93,16 @@ class GMVAE(PyroModule):
         loc, scale = self.prior.components(w)
         return cluster_log_posterior(self.prior.cluster_log_weights(), loc, scale, x)
 
-    def regularizer(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Value of the ``"regularizer"`` factor at (x, w), shape x.shape[:-1]."""
+    def regularizer(self, x: torch.Tensor, w: torch.Tensor, log_components: torch.Tensor | None = None) -> torch.Tensor:
+        """Value of the ``"regularizer"`` factor at (x, w), shape x.shape[:-1].
+
+        ``log_components`` (..., K), log N(x; mu_k(w), sigma_k(w)), saves recomputing them.
+        """
         reg = self.regularization
-        log_r = self.cluster_log_posterior(x, w)
+        if log_components is None:
+            log_r = self.cluster_log_posterior(x, w)
+        else:
+            log_r = torch.log_softmax(self.prior.cluster_log_weights() + log_components, -1)
         value = -reg.cv_weight * entropy(log_r)
         if self.cluster_posterior == "exact" and reg.touches_z_prior:
             value = value + z_prior_adjustment(kl_categorical(log_r, self.prior.cluster_log_weights()), reg)
@@ -108,7 +115,10 @@ class GMVAE(PyroModule):
         with pyro.plate("data", batch_size):
             w = pyro.sample("w", self.p_w(batch_size))
             z = pyro.sample("z", self.p_z(batch_size), infer={"enumerate": "parallel"})
-            x = pyro.sample("x", self.p_x(w, z))
+            # p_x(w, z), with the prior network run once and all K densities scored once
+            # for both the x site and the regulariser (issue 4: no Pyro tax).
+            p_x = ComponentNormal(*self.prior.components(w), z)
+            x = pyro.sample("x", p_x)
             pyro.sample("y", self.p_y(x), obs=y)
             if reg.cv_weight > 0 or (self.cluster_posterior == "exact" and reg.touches_z_prior):
-                pyro.factor("regularizer", self.regularizer(x, w))
+                pyro.factor("regularizer", self.regularizer(x, w, p_x.log_components(x)))

@@ -12,19 +12,24 @@ pyro.settings.set(module_local_params=True)
 
 __version__ = "0.1.0"
 
+from pyro_gmvae.arviz_export import to_inference_data  # noqa: E402
 from pyro_gmvae.config import Config  # noqa: E402
 from pyro_gmvae.metrics import clustering_metrics  # noqa: E402
 from pyro_gmvae.posterior import assign, cluster_probs, components, encode, reconstruct, sample  # noqa: E402
+from pyro_gmvae.runs import Run, load_run  # noqa: E402
 from pyro_gmvae.training import train  # noqa: E402
 
 __all__ = [
     "Config",
+    "Run",
     "assign",
     "cluster_probs",
     "clustering_metrics",
     "components",
     "encode",
+    "load_run",
     "reconstruct",
     "sample",
+    "to_inference_data",
     "train",
 ]

@@ -56,6 +56,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that a process killed inside ``atomic_write_bytes`` left.
+
+    Only call this while no other process writes into ``folder``.  Returns what was removed.
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        with _suppress():
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Save ``state`` (plain tensors, numbers, dicts) atomically with a format marker."""
     buffer = io.BytesIO()
@@ -63,8 +76,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load and verify a checkpoint; raise UserInputError naming the file and the problem."""
+def load_checkpoint(path: Path, map_location="cpu", required: tuple[str, ...] = ()) -> dict:
+    """Load and verify a checkpoint; raise UserInputError naming the file and the problem.
+
+    ``required`` lists entries the caller needs; a checkpoint without them is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"no checkpoint at {path}; train a run there first (experiments/run.py --out ...)")
@@ -80,4 +96,7 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise UserInputError(
             f"checkpoint {path} has format version {state.get('version')}, this pyro_gmvae reads version {VERSION}"
         )
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise UserInputError(f"checkpoint {path} lacks {', '.join(missing)}; it is damaged, retrain the run")
     return state

@@ -83,11 +83,23 @@ def load_spiral_csv(root: str) -> Dataset:
 
 
 # --- images -------------------------------------------------------------------------
-def _require_file(path: Path, what: str) -> None:
+def _require_file(path: Path, what: str, downloadable: bool = False) -> None:
     if not path.is_file():
+        fix = " or pass --download to fetch it there" if downloadable else ""
         raise UserInputError(
-            f"{what} not found at {path}; set --data-root or ${DATA_ENV} to the folder that holds it"
+            f"{what} not found at {path}; set --data-root or ${DATA_ENV} to the folder that holds it{fix}"
         )
+
+
+def _torchvision_split(cls, what: str, root, **kwargs):
+    # torchvision raises RuntimeError / OSError / ValueError for missing, corrupt or
+    # undownloadable files; say which data set and where instead of a traceback.
+    try:
+        return cls(root, **kwargs)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise UserInputError(
+            f"cannot load {what} from {root} ({err}); check the files there, or set --data-root / ${DATA_ENV}"
+        ) from None
 
 
 def _torchvision_images(dataset) -> torch.Tensor:
@@ -103,28 +115,50 @@ def load_mnist(root: str, download: bool = False) -> Dataset:
     from torchvision.datasets import MNIST
 
     if not download:
-        _require_file(Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte", "MNIST")
-    train = MNIST(root, train=True, download=download)
-    test = MNIST(root, train=False, download=download)
+        _require_file(Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte", "MNIST", downloadable=True)
+    train = _torchvision_split(MNIST, "MNIST", root, train=True, download=download)
+    test = _torchvision_split(MNIST, "MNIST", root, train=False, download=download)
     return Dataset("mnist", _torchvision_images(train), train.targets.long(), _torchvision_images(test),
                    test.targets.long())
 
 
-def load_svhn(root: str, download: bool = False, extra: bool = False) -> Dataset:
-    """SVHN through torchvision (``<root>/svhn/{train,test}_32x32.mat``), pixels in [0, 1]."""
-    from torchvision.datasets import SVHN
+def _read_svhn_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SVHN ``.mat`` file, decoded exactly as torchvision's ``SVHN`` does: ``X`` is
+    (32, 32, 3, N) uint8 -> (N, 3, 32, 32) in [0, 1]; ``y`` (N, 1) in 1..10 with 10 = digit 0."""
+    from scipy.io import loadmat
 
+    try:
+        mat = loadmat(path)
+        x, y = mat["X"], mat["y"]
+    except Exception as err:  # scipy raises several types for corrupt files
+        raise UserInputError(f"cannot read SVHN file {path} ({err}); download it again with --download") from None
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.size != x.shape[3]:
+        raise UserInputError(f"{path}: X has shape {x.shape} and y {y.shape}; SVHN needs (32, 32, 3, N) and (N, 1)")
+    labels = y.astype(np.int64).reshape(-1)
+    labels[labels == 10] = 0
+    images = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (3, 2, 0, 1)))).float() / 255.0
+    return images, torch.from_numpy(labels)
+
+
+def load_svhn(root: str, download: bool = False, extra: bool = False) -> Dataset:
+    """SVHN (``<root>/svhn/{train,test}_32x32.mat``), pixels in [0, 1].
+
+    torchvision downloads the files (``download=True``); they are then read directly with
+    scipy, because torchvision's ``SVHN`` refuses any file whose md5 differs from the
+    official one, even offline, which would rule out test files and re-saved copies.
+    """
     folder = Path(root) / "svhn"
-    if not download:
-        for split in ("train", "test") + (("extra",) if extra else ()):
-            _require_file(folder / f"{split}_32x32.mat", f"SVHN {split} split")
-    splits = [SVHN(str(folder), split="train", download=download)]
-    if extra:
-        splits.append(SVHN(str(folder), split="extra", download=download))
-    test = SVHN(str(folder), split="test", download=download)
-    x = torch.cat([torch.from_numpy(s.data).float() / 255.0 for s in splits])
-    labels = torch.cat([torch.from_numpy(s.labels).long() for s in splits])
-    return Dataset("svhn", x, labels, torch.from_numpy(test.data).float() / 255.0, torch.from_numpy(test.labels).long())
+    splits = ("train", "test") + (("extra",) if extra else ())
+    if download:
+        from torchvision.datasets import SVHN
+
+        for split in splits:
+            _torchvision_split(SVHN, "SVHN", str(folder), split=split, download=True)
+    for split in splits:
+        _require_file(folder / f"{split}_32x32.mat", f"SVHN {split} split", downloadable=True)
+    train = [_read_svhn_mat(folder / f"{split}_32x32.mat") for split in splits if split != "test"]
+    x_test, labels_test = _read_svhn_mat(folder / "test_32x32.mat")
+    return Dataset("svhn", torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), x_test, labels_test)
 
 
 # --- user arrays --------------------------------------------------------------------

@@ -7,8 +7,6 @@ All functions take numpy-compatible arrays: ``assignments`` (N,) cluster indices
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 
 def _np(a) -> np.ndarray:
@@ -35,6 +33,8 @@ def paper_accuracy(probs, labels) -> float:
 
 def hungarian_accuracy(assignments, labels) -> float:
     """Best one-to-one matching of clusters to classes (unmatched clusters count as wrong)."""
+    from scipy.optimize import linear_sum_assignment  # lazy: scipy/sklearn double the CLI's start-up time
+
     table = contingency(assignments, labels)
     rows, cols = linear_sum_assignment(table, maximize=True)
     return float(table[rows, cols].sum() / table.sum())
@@ -67,6 +67,8 @@ def clustering_metrics(probs, labels=None) -> dict:
     assignments = p.argmax(1)
     out = {"clusters_used": clusters_used(assignments), "marginal_entropy": marginal_entropy(assignments, p.shape[1])}
     if labels is not None:
+        from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # lazy, see above
+
         y = _np(labels)
         out.update(
             acc_paper=paper_accuracy(p, y),

@@ -74,36 +74,42 @@ class FCDecoder(nn.Module):
         return out.reshape(x.shape[:-1] + (self.num_params,) + self.data_shape)
 
 
-class ConvTrunk(nn.Module):
-    """The original MNIST convolutional recogniser (28x28 -> hidden x 1 x 1).
+# Convolution layouts of the original (Nat-D/GMVAE): (kernel, stride, padding) per layer,
+# channels f, 2f, 4f, then H.  MNIST (``models/ConvAE.lua``), spatial sizes
+# 28 -> 23 -> 18 -> 9 -> 1; SVHN (``models/SVHNConvAE.lua``), 32 -> 16 -> 8 -> 4 -> 1.
+# The decoders mirror them with transposed convolutions (1 -> 9 -> 18 -> 23 -> 28 and
+# 1 -> 4 -> 8 -> 16 -> 32).  SVHNConvAE.lua leaves the filter count unset; we use 16.
+CONV_LAYOUTS = {
+    (28, 28): ((6, 1, 0), (6, 1, 0), (4, 2, 1), (9, 1, 0)),
+    (32, 32): ((4, 2, 1), (4, 2, 1), (4, 2, 1), (4, 1, 0)),
+}
 
-    Spatial sizes: 28 -conv6-> 23 -conv6-> 18 -conv4/2-> 9 -conv9-> 1.  For 32x32 input
-    (SVHN) the first two kernels are 8 instead of 6 so that the same tail ends at 1x1.
+
+def _conv_layout(data_shape) -> tuple:
+    channels, height, width = data_shape
+    if (height, width) not in CONV_LAYOUTS:
+        raise ValueError(f"conv network needs 28x28 or 32x32 images, got {height}x{width}")
+    return CONV_LAYOUTS[(height, width)]
+
+
+class ConvTrunk(nn.Module):
+    """The original convolutional recogniser (C x 28 x 28 or C x 32 x 32 -> H).
+
+    Four convolutions with BatchNorm and ReLU, channels f, 2f, 4f, H; the last one ends at
+    1x1 (see ``CONV_LAYOUTS``).
     """
 
     def __init__(self, data_shape: tuple[int, ...], hidden_dim: int, num_filters: int = 16):
         super().__init__()
-        channels, height, width = data_shape
-        if (height, width) not in ((28, 28), (32, 32)):
-            raise ValueError(f"conv network needs 28x28 or 32x32 images, got {height}x{width}")
-        k = 6 if height == 28 else 8
+        layout = _conv_layout(data_shape)
         f = num_filters
         self.data_shape = tuple(data_shape)
         self.out_dim = hidden_dim
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, f, k),
-            nn.BatchNorm2d(f),
-            nn.ReLU(),
-            nn.Conv2d(f, 2 * f, k),
-            nn.BatchNorm2d(2 * f),
-            nn.ReLU(),
-            nn.Conv2d(2 * f, 4 * f, 4, stride=2, padding=1),
-            nn.BatchNorm2d(4 * f),
-            nn.ReLU(),
-            nn.Conv2d(4 * f, hidden_dim, 9),
-            nn.BatchNorm2d(hidden_dim),
-            nn.ReLU(),
-        )
+        widths = (data_shape[0], f, 2 * f, 4 * f, hidden_dim)
+        layers = []
+        for (kernel, stride, padding), c_in, c_out in zip(layout, widths[:-1], widths[1:], strict=True):
+            layers += [nn.Conv2d(c_in, c_out, kernel, stride, padding), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         flat, batch_shape = _flatten_leading(y, 3)
@@ -112,31 +118,29 @@ class ConvTrunk(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """The original MNIST transposed-convolution generator (latent -> C x 28 x 28)."""
+    """The original transposed-convolution generator (latent -> P x C x 28 x 28 or 32 x 32).
+
+    Linear(Dx -> H), BatchNorm, ReLU, then the trunk's layout in reverse with transposed
+    convolutions; no BatchNorm or activation after the last one (the likelihood applies it).
+    """
 
     def __init__(self, latent_dim: int, hidden_dim: int, data_shape, num_params: int = 1, num_filters: int = 16):
         super().__init__()
-        channels, height, width = data_shape
-        if (height, width) not in ((28, 28), (32, 32)):
-            raise ValueError(f"conv network needs 28x28 or 32x32 images, got {height}x{width}")
-        k = 6 if height == 28 else 8
+        layout = _conv_layout(data_shape)
         f = num_filters
         self.data_shape = tuple(data_shape)
         self.num_params = num_params
         self.hidden_dim = hidden_dim
         self.inp = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU())
-        self.net = nn.Sequential(
-            nn.ConvTranspose2d(hidden_dim, 4 * f, 9),
-            nn.BatchNorm2d(4 * f),
-            nn.ReLU(),
-            nn.ConvTranspose2d(4 * f, 2 * f, 4, stride=2, padding=1),
-            nn.BatchNorm2d(2 * f),
-            nn.ReLU(),
-            nn.ConvTranspose2d(2 * f, f, k),
-            nn.BatchNorm2d(f),
-            nn.ReLU(),
-            nn.ConvTranspose2d(f, num_params * channels, k),
-        )
+        widths = (hidden_dim, 4 * f, 2 * f, f, num_params * data_shape[0])
+        layers = []
+        for i, ((kernel, stride, padding), c_in, c_out) in enumerate(
+            zip(reversed(layout), widths[:-1], widths[1:], strict=True)
+        ):
+            layers.append(nn.ConvTranspose2d(c_in, c_out, kernel, stride, padding))
+            if i < len(layout) - 1:
+                layers += [nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat, batch_shape = _flatten_leading(x, 1)

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pyro_gmvae.posterior import assign, components, encode, reconstruct, sample  # noqa: E402
 
@@ -24,15 +25,27 @@ def _cmap(num_clusters: int):
     return plt.get_cmap("tab10" if num_clusters <= 10 else "tab20")
 
 
+def _epoch_axis(ax, epochs) -> None:
+    ax.set_xlabel("epoch")
+    if len(epochs) <= 10:
+        ax.set_xticks(epochs)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_losses(history: list[dict], path: Path) -> None:
     """Every logged term per epoch, one panel each, plus the train loss and test ELBO."""
     epochs = [row["epoch"] for row in history]
     names = ["train_loss", "test_elbo", *TERMS]
-    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 2.8))
-    for ax, name in zip(axes, names, strict=True):
+    num_cols = 4
+    num_rows = -(-len(names) // num_cols)
+    fig, axes = plt.subplots(num_rows, num_cols, figsize=(3 * num_cols, 2.6 * num_rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):  # spare panels stay hidden
         ax.plot(epochs, [row[name] for row in history], marker="." if len(epochs) < 30 else None)
         ax.set_title(name)
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax, epochs)
+    for ax in axes.flat[len(names) :]:
+        ax.set_visible(False)
     fig.suptitle("per-example terms (test split, except train_loss)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -44,8 +57,8 @@ def plot_accuracy(history: list[dict], path: Path) -> None:
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in ("acc_paper", "acc_hungarian", "purity", "nmi"):
-        ax.plot(epochs, [row[name] for row in history], label=name)
-    ax.set_xlabel("epoch")
+        ax.plot(epochs, [row[name] for row in history], label=name, marker="." if len(epochs) < 30 else None)
+    _epoch_axis(ax, epochs)
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title("test clustering metrics")
@@ -68,7 +81,7 @@ def plot_sample_grid(model, path: Path, num_samples: int = 10) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
         axes[k, 0].set_ylabel(str(k), rotation=0, labelpad=10)
-    fig.suptitle("samples per cluster (w = 0)")
+    fig.suptitle("one row per cluster k: mean of p(y | x), x ~ p(x | z=k, w=0)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -99,8 +112,14 @@ def plot_latent_2d(model, guide, y: torch.Tensor, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(x[:, 0], x[:, 1], s=3, c=[cmap(c % cmap.N) for c in clusters])
     for k in range(model.prior.num_clusters):
-        ellipse = Ellipse(loc[k, :2].numpy(), 4 * scale[k, 0].item(), 4 * scale[k, 1].item(), fill=False,
-                          color=cmap(k % cmap.N), lw=1.5)
+        ellipse = Ellipse(
+            loc[k, :2].numpy(),
+            4 * scale[k, 0].item(),
+            4 * scale[k, 1].item(),
+            fill=False,
+            color=cmap(k % cmap.N),
+            lw=1.5,
+        )
         ax.add_patch(ellipse)
     ax.set_title("latent x (posterior means) and components at w = 0")
     ax.autoscale()

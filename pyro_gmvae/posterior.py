@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 
+import pyro
 import torch
+from pyro import poutine
+from pyro.infer import infer_discrete
 
 from pyro_gmvae.objective import cluster_log_posterior, elbo_terms
 
@@ -37,11 +40,20 @@ def _batches(y: torch.Tensor, batch_size: int, device):
         yield y[start : start + batch_size].to(device)
 
 
-def cluster_probs(model, guide, y: torch.Tensor, num_samples: int = 0, batch_size: int = 1000) -> torch.Tensor:
+def cluster_probs(
+    model,
+    guide,
+    y: torch.Tensor,
+    num_samples: int = 0,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Cluster probabilities, shape (N, K).
 
     v2 guide: p(z | x, w) at the posterior means of x and w (``num_samples=0``) or averaged
-    over ``num_samples`` draws from q(x|y) q(w|y).  v1 guide: q(z | y).
+    over ``num_samples`` draws from q(x|y) q(w|y).  v1 guide: q(z | y).  ``generator``
+    (on the model's device) makes the averaged version reproducible without touching the
+    global RNG.
     """
     device = _device_of(guide)
     out = []
@@ -56,9 +68,11 @@ def cluster_probs(model, guide, y: torch.Tensor, num_samples: int = 0, batch_siz
                 w, x = q["w_loc"], q["x_loc"]
             else:
                 shape = (num_samples,) + q["w_loc"].shape
-                w = q["w_loc"] + q["w_scale"] * torch.randn(shape, device=device, dtype=q["w_loc"].dtype)
+                noise = torch.randn(shape, device=device, dtype=q["w_loc"].dtype, generator=generator)
+                w = q["w_loc"] + q["w_scale"] * noise  # (S, B, Dw)
                 shape = (num_samples,) + q["x_loc"].shape
-                x = q["x_loc"] + q["x_scale"] * torch.randn(shape, device=device, dtype=q["x_loc"].dtype)
+                noise = torch.randn(shape, device=device, dtype=q["x_loc"].dtype, generator=generator)
+                x = q["x_loc"] + q["x_scale"] * noise  # (S, B, Dx)
             loc, scale = model.prior.components(w)
             probs = cluster_log_posterior(log_pi, loc, scale, x).exp()
             out.append(probs if num_samples == 0 else probs.mean(0))
@@ -139,3 +153,60 @@ def elbo_terms_dataset(model, guide, y: torch.Tensor, num_particles: int = 1, ba
             for key, value in elbo_terms(model, guide, batch, num_particles).items():
                 parts.setdefault(key, []).append(value.cpu())
     return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def _draws(fn, num_samples: int):
+    """``fn`` with an outer ``"draws"`` plate at dim -2, so every site gets S draws at once."""
+
+    def vectorized(y):
+        with pyro.plate("draws", num_samples, dim=-2):
+            return fn(y)
+
+    return vectorized
+
+
+def posterior_draws(model, guide, y: torch.Tensor, num_samples: int = 100, batch_size: int = 256) -> dict:
+    """Joint posterior draws of (w, x, z) for every example, with what they imply.
+
+    (w, x) come from the guide; z is then drawn by Pyro's ``infer_discrete`` from the model
+    conditioned on those (w, x), which gives z ~ p(z | x, w, y) = p(z | x, w) for the v2
+    guide (the model enumerates z); the v1 guide samples z from its own q(z | y) and the
+    model is conditioned on it too.  All S draws of a batch run at once under an outer
+    ``"draws"`` plate.  Uses the global torch RNG (seed with ``pyro.set_rng_seed``).
+
+    Returns
+    -------
+    dict of Tensor (on the CPU)
+        ``w`` (S, N, Dw), ``x`` (S, N, Dx), ``z`` (S, N) int64, ``cluster_probs`` (S, N, K)
+        (p(z | x_s, w_s) for v2, q(z | y) for v1) and ``log_likelihood`` (S, N), the
+        per-example log p(y | x_s).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    parts: dict[str, list] = {}
+    device = _device_of(guide)
+    with evaluating(model, guide):
+        for batch in _batches(y, batch_size, device):
+            guide_trace = poutine.trace(_draws(guide, num_samples)).get_trace(batch)
+            w = guide_trace.nodes["w"]["value"]  # (S, B, Dw)
+            x = guide_trace.nodes["x"]["value"]  # (S, B, Dx)
+            given = {"w": w, "x": x}
+            if "z" in guide_trace.nodes:  # v1: z comes from q(z | y)
+                given["z"] = guide_trace.nodes["z"]["value"]
+            # Condition inside infer_discrete (it blocks handlers around it), and condition
+            # rather than replay: infer_discrete re-packs latent sites downstream of z as if
+            # they had no event dimension, while observed sites are left alone.  The outer
+            # "draws" plate takes dim -2 and "data" dim -1, so enumeration starts at -3.
+            conditioned = poutine.condition(_draws(model, num_samples), data=given)
+            if "z" not in given:
+                conditioned = infer_discrete(conditioned, first_available_dim=-3, temperature=1)
+            model_trace = poutine.trace(conditioned).get_trace(batch)
+            z = model_trace.nodes["z"]["value"]  # (S, B)
+            if guide.cluster_posterior == "guide":
+                probs = torch.softmax(guide.encode(batch)["z_logits"], -1).expand(num_samples, -1, -1)
+            else:
+                probs = model.cluster_log_posterior(x, w).exp()  # (S, B, K)
+            log_lik = model_trace.nodes["y"]["fn"].log_prob(batch)  # (S, B)
+            for key, value in dict(w=w, x=x, z=z, cluster_probs=probs, log_likelihood=log_lik).items():
+                parts.setdefault(key, []).append(value.cpu())
+    return {key: torch.cat(values, dim=1) for key, values in parts.items()}

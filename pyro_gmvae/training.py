@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -23,12 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_gmvae import checkpoint as ckpt
+from pyro_gmvae import distributed
 from pyro_gmvae.build import CHOICES, build_model_and_guide
 from pyro_gmvae.config import Config
 from pyro_gmvae.data import DATASETS, Dataset, load_dataset, validate_dataset
 from pyro_gmvae.errors import NonFiniteLossError, UserInputError
-from pyro_gmvae.metrics import clustering_metrics
 from pyro_gmvae.likelihoods import LIKELIHOODS
+from pyro_gmvae.metrics import clustering_metrics
+from pyro_gmvae.networks import CONV_LAYOUTS
 from pyro_gmvae.objective import elbo_terms, make_elbo
 from pyro_gmvae.posterior import cluster_probs, elbo_terms_dataset
 
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 # Options that fix the architecture: a checkpoint only resumes or loads under the same ones.
 ARCHITECTURE_KEYS = ("data", "network", "likelihood", "prior", "guide", "K", "x_dim", "w_dim", "hidden_dim")
+# What a checkpoint must hold to resume a run.
+RESUME_KEYS = ("config", "data_shape", "model", "guide", "optimizer", "rng", "epoch", "history")
 FINAL_KEYS = ("acc_paper", "acc_hungarian", "purity", "nmi", "ari", "elbo", "clusters_used", "epochs", "seconds")
 
 
@@ -70,10 +75,10 @@ def resolve_device(name: str) -> torch.device:
 def validate_config(config: Config) -> None:
     """Check a resolved config; raise UserInputError with the fix."""
     if not (config.data in DATASETS or config.data.endswith(".npz")):
-        raise UserInputError(f"unknown data set {config.data!r}; choose one of {', '.join(DATASETS)}")
+        raise UserInputError(f"unknown --data {config.data!r}; choose one of {', '.join(DATASETS)}")
     for key, valid in CHOICES.items():
         if getattr(config, key) not in valid:
-            raise UserInputError(f"unknown {key} {getattr(config, key)!r}; choose one of {', '.join(valid)}")
+            raise UserInputError(f"unknown --{key} {getattr(config, key)!r}; choose one of {', '.join(valid)}")
     for key in ("K", "x_dim", "w_dim", "hidden_dim", "epochs", "batch_size", "mc_samples"):
         value = getattr(config, key)
         if not isinstance(value, int) or value < 1:
@@ -102,7 +107,18 @@ def prepare_data(config: Config, data: Dataset | None = None) -> Dataset:
         data.x_test = data.x_test[: config.test_subset]
         data.labels_test = None if data.labels_test is None else data.labels_test[: config.test_subset]
     validate_dataset(data, LIKELIHOODS[config.likelihood].data_range, config.batch_size)
+    check_data_shape(config, data.data_shape)
     return data
+
+
+def check_data_shape(config: Config, data_shape: tuple[int, ...]) -> None:
+    """The conv networks only take C x 28 x 28 or C x 32 x 32 images."""
+    if config.network == "conv" and (len(data_shape) != 3 or tuple(data_shape[1:]) not in CONV_LAYOUTS):
+        sizes = " or ".join(f"C x {h} x {w}" for h, w in CONV_LAYOUTS)
+        raise UserInputError(
+            f"{config.data}: examples of shape {tuple(data_shape)} do not fit --network conv, which needs {sizes} "
+            "images; use --network fc"
+        )
 
 
 def default_out(config: Config) -> Path:
@@ -112,10 +128,15 @@ def default_out(config: Config) -> Path:
 
 def check_out_folder(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to train into a folder that holds another run, unless told to."""
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out} is a file, not a folder; pass a folder for the run")
     if resume:
         if not (out / ckpt.CHECKPOINT_NAME).is_file():
             raise UserInputError(f"--resume given but {out} holds no checkpoint; drop --resume to start a new run")
         return
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"cannot write the run folder {out}: {existing} is not writable; pass another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserInputError(f"{out} already holds files; pass --resume to continue it or --overwrite to replace it")
 
@@ -166,7 +187,7 @@ def _versions() -> dict:
     return {
         "pyro_gmvae": pyro_gmvae.__version__,
         "pyro": pyro.__version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion is refused by weights_only loading
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
@@ -220,14 +241,28 @@ def train(
     config = config.resolved()
     validate_config(config)
     device = resolve_device(config.device)
+    info = distributed.init(device)  # under torchrun: RANK, WORLD_SIZE, LOCAL_RANK
+    device = distributed.local_device(info, device)
+    distributed.per_rank_batch(config.batch_size, info)  # --batch-size is the global batch
     out = Path(config.out) if config.out else default_out(config)
     config.out = str(out)
     check_out_folder(out, resume, overwrite)
+    distributed.barrier(info)  # every rank has checked the folder before rank 0 writes to it
     state = None
     if resume:
-        state = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME)
+        state = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME, required=RESUME_KEYS)
         check_compatible(state["config"], config)
+        if config.epochs < state["epoch"]:
+            raise UserInputError(
+                f"--epochs is the total: the run in {out} already trained {state['epoch']} epochs, "
+                f"so --epochs {config.epochs} would train none; pass a larger --epochs"
+            )
     data = prepare_data(config, data)
+    if state is not None and tuple(state["data_shape"]) != data.data_shape:
+        raise UserInputError(
+            f"the checkpoint in {out} was trained on examples of shape {tuple(state['data_shape'])}, "
+            f"the data now have {data.data_shape}; resume with the same data"
+        )
 
     pyro.set_rng_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
@@ -235,6 +270,7 @@ def train(
     model.to(device)
     guide.to(device)
     loss_fn = make_elbo(config.mc_samples)(model, guide)
+    step_loss = distributed.wrap(loss_fn, info, device)  # DDP over the ELBO module, or loss_fn
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=config.lr)
     history: list[dict] = []
     start_epoch = 0
@@ -245,13 +281,20 @@ def train(
         _set_rng_state(state["rng"], shuffle)
         history = list(state["history"])
         start_epoch = state["epoch"]
-    elif overwrite and out.exists():
+    elif overwrite and out.exists() and info.is_main:
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(out / "config.json", json.dumps({**config.to_dict(), "versions": _versions()}, indent=2))
-    # The checkpoint is the record: metrics.jsonl is rewritten from it, so a run killed
-    # between the two files never shows an epoch that the checkpoint does not hold.
-    _write_jsonl(out / "metrics.jsonl", history)
+    if info.enabled:  # same init on every rank; Monte Carlo noise of its own per rank
+        pyro.set_rng_seed(distributed.rank_seed(config.seed, info.rank, start_epoch))
+    if info.is_main:  # only rank 0 writes the run folder
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserInputError(f"cannot create the run folder {out} ({err.strerror}); pass another --out") from None
+        ckpt.remove_stale_temporaries(out)  # left by a run killed while writing
+        ckpt.atomic_write_text(out / "config.json", json.dumps({**config.to_dict(), "versions": _versions()}, indent=2))
+        # The checkpoint is the record: metrics.jsonl is rewritten from it, so a run killed
+        # between the two files never shows an epoch that the checkpoint does not hold.
+        _write_jsonl(out / "metrics.jsonl", history)
 
     x_train = data.x.to(device)
     num_train = len(x_train)
@@ -261,7 +304,7 @@ def train(
     elapsed = history[-1]["elapsed"] if history else 0.0
     bar = tqdm(
         total=(config.epochs - start_epoch) * steps_per_epoch,
-        disable=not config.progress,
+        disable=not config.progress or not info.is_main,
         desc=f"{config.data} K={config.K}",
         unit="step",
         mininterval=0.5,
@@ -274,8 +317,8 @@ def train(
         total = torch.zeros((), device=device)
         bad_step = torch.full((), -1, device=device, dtype=torch.long)
         for step in range(steps_per_epoch):
-            y = x_train[perm[step * batch_size : (step + 1) * batch_size]]
-            loss = loss_fn(y) / batch_size
+            y = x_train[distributed.shard(perm, step, batch_size, info)]  # this rank's slice
+            loss = step_loss(y) / len(y)  # DDP averages over ranks: the global batch mean
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in loss_fn.parameters() if p.grad is not None])
@@ -295,7 +338,9 @@ def train(
             total += loss.detach()
             bar.update(1)
         train_seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": float(total) / steps_per_epoch}
+        row = {"epoch": epoch, "train_loss": float(distributed.all_reduce_mean(total, info)) / steps_per_epoch}
+        if not info.is_main:  # rank 0 evaluates and writes the run folder
+            continue
         row.update({f"test_{k}" if k in ("elbo", "loss") else k: v for k, v in evaluate(model, guide, data).items()})
         elapsed += train_seconds
         row.update(seconds=train_seconds, elapsed=elapsed)
@@ -319,6 +364,9 @@ def train(
         _append_jsonl(out / "metrics.jsonl", row)
         logger.info("epoch %d: %s", epoch, row)
     bar.close()
+    if not info.is_main:
+        distributed.shutdown(info)
+        return RunResult(out, config, model, guide, history, {})
 
     final = final_metrics(history)
     ckpt.atomic_write_text(out / "metrics.json", json.dumps(final, indent=2))
@@ -326,6 +374,7 @@ def train(
         from pyro_gmvae.plots import make_run_figures
 
         make_run_figures(out, model, guide, data, history)
+    distributed.shutdown(info)
     return RunResult(out, config, model, guide, history, final)
 
 
@@ -339,8 +388,13 @@ def final_metrics(history: list[dict]) -> dict:
 
 def check_compatible(saved: dict, config: Config) -> None:
     """A checkpoint only fits a config with the same architecture; say which option differs."""
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(config, k)!r}" for k in ARCHITECTURE_KEYS
-             if saved.get(k) != getattr(config, k)]
+    diffs = [
+        f"--{k.replace('_', '-')} {getattr(config, k)!r} but the checkpoint has {saved.get(k)!r}"
+        for k in ARCHITECTURE_KEYS
+        if saved.get(k) != getattr(config, k)
+    ]
     if diffs:
-        raise UserInputError("checkpoint does not match the requested run (" + "; ".join(diffs) + ")")
+        raise UserInputError(
+            "cannot resume: " + "; ".join(diffs) + "; drop these flags to resume, or start a new run in another --out"
+        )
 

@@ -1,0 +1,314 @@
+"""Multi-seed MNIST reproduction benchmark: a grid of settings over several seeds.
+
+    python experiments/reproduce.py --grid smoke                 # minutes: wiring check
+    python experiments/reproduce.py --grid k10 --seeds 5 --epochs 10
+    python experiments/reproduce.py --grid levers --train-subset 10000 --epochs 3
+    python experiments/reproduce.py --grid k16 --seeds 3
+    python experiments/reproduce.py --grid paper --device cuda   # K 10/16/30 x M 1/10 x v1/v2
+
+Every (setting, seed) cell trains into its own run folder
+``experiments/results/runs/<grid>/<setting>-s<seed>`` through ``pyro_gmvae.train``; a cell
+whose ``metrics.json`` exists is read, not retrained, and one with only a checkpoint is
+resumed, so an interrupted benchmark continues where it stopped.  Results are merged into
+``experiments/results/mnist.json`` (per setting: every seed's final test metrics and
+mean, std, best and worst over seeds) and rendered into ``mnist.md`` beside the paper's
+table (DESIGN.md section 7).  Metrics are those of the last epoch: no test-set early
+stopping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pyro_gmvae import train
+from pyro_gmvae.checkpoint import CHECKPOINT_NAME
+from pyro_gmvae.config import Config
+from pyro_gmvae.data import load_dataset
+from pyro_gmvae.errors import NonFiniteLossError, UserInputError
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METRICS = ("acc_paper", "acc_hungarian", "purity", "nmi", "ari", "clusters_used", "marginal_entropy", "elbo")
+
+# MNIST test accuracy (paper rule) from Dilokthanakul et al. 2016, Table 1 (DESIGN.md s7).
+PAPER = {
+    "K=10, M=1": {"best": 87.31, "mean": 77.78, "std": 5.75},
+    "K=10, M=10": {"best": 88.54, "mean": 82.31, "std": 3.75},
+    "K=16, M=1": {"best": 89.01, "mean": 85.09, "std": 1.99},
+    "K=16, M=10": {"best": 96.92, "mean": 87.82, "std": 5.33},
+    "K=30, M=1": {"best": 95.84, "mean": 92.77, "std": 1.60},
+    "K=30, M=10": {"best": 93.22, "mean": 89.27, "std": 2.50},
+}
+PAPER_BASELINES = "DEC 84.30 (K=10); AAE 90.45 +- 2.05 (K=16), 95.90 +- 1.13 (K=30)"
+
+# The fully connected MNIST network used throughout (the conv one is ~10x slower on CPU).
+BASE = dict(
+    data="mnist",
+    network="fc",
+    hidden_dim=500,
+    x_dim=200,
+    w_dim=150,
+    K=10,
+    mc_samples=1,
+    guide="v2",
+    lr=1e-3,
+    batch_size=256,
+    cv_weight=0.0,
+    z_prior_weight=1.0,
+    free_bits=0.0,
+)
+
+
+def _variant(**changes) -> dict:
+    return {**BASE, **changes}
+
+
+# Each grid: settings (dicts of Config fields), default seeds and default epoch budget.
+GRIDS = {
+    "smoke": dict(
+        settings=[
+            _variant(hidden_dim=64, x_dim=8, w_dim=8, batch_size=50),
+            _variant(hidden_dim=64, x_dim=8, w_dim=8, batch_size=50, guide="v1"),
+        ],
+        seeds=2,
+        epochs=1,
+        train_subset=500,
+        test_subset=500,
+    ),
+    # The paper's CV weight 0.4 (its run.sh for MNIST); a 4-epoch budget fits 2 shared cores.
+    "k10": dict(settings=[_variant(cv_weight=0.4)], seeds=5, epochs=4),
+    "k16": dict(settings=[_variant(K=16, cv_weight=0.4)], seeds=3, epochs=4),
+    # One change at a time from BASE, plus the paper's own optimiser settings.
+    "levers": dict(
+        settings=[
+            _variant(),
+            _variant(lr=3e-4),
+            _variant(lr=1e-4),
+            _variant(lr=1e-4, batch_size=100),
+            _variant(lr=1e-3, batch_size=100),
+            _variant(guide="v1"),
+            _variant(cv_weight=0.4),
+            _variant(free_bits=0.5),
+            _variant(z_prior_weight=2.0),
+            _variant(mc_samples=10),
+        ],
+        seeds=1,
+        epochs=3,
+    ),
+    # The paper's grid, for a GPU machine.
+    "paper": dict(
+        settings=[_variant(K=k, mc_samples=m, guide=g) for k in (10, 16, 30) for m in (1, 10) for g in ("v2", "v1")],
+        seeds=5,
+        epochs=100,
+    ),
+}
+
+
+def setting_name(s: dict, train_subset: int | None) -> str:
+    name = (
+        f"K{s['K']}-M{s['mc_samples']}-{s['guide']}-{s['network']}H{s['hidden_dim']}-lr{s['lr']:g}"
+        f"-b{s['batch_size']}-cv{s['cv_weight']:g}-eta{s['z_prior_weight']:g}-fb{s['free_bits']:g}"
+    )
+    if s["x_dim"] != BASE["x_dim"] or s["w_dim"] != BASE["w_dim"]:
+        name += f"-x{s['x_dim']}w{s['w_dim']}"
+    return name + (f"-n{train_subset}" if train_subset else "")
+
+
+def machine(device: str) -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(torch.device(device))})",
+        "torch": torch.__version__,
+    }
+
+
+def run_cell(setting: dict, seed: int, epochs: int, out: Path, args) -> dict:
+    """Train (or resume, or read) one (setting, seed) cell; return its final metrics."""
+    done = out / "metrics.json"
+    if done.is_file() and json.loads(done.read_text()).get("epochs", 0) >= epochs:
+        print(f"  {out.name}: done, read")
+    else:
+        config = Config(
+            **setting,
+            seed=seed,
+            epochs=epochs,
+            out=str(out),
+            device=args.device,
+            progress=False,
+            train_subset=args.train_subset,
+            test_subset=args.test_subset,
+            data_root=args.data_root,
+        )
+        resume = (out / CHECKPOINT_NAME).is_file()
+        print(f"  {out.name}: {'resuming' if resume else 'training'} to {epochs} epochs", flush=True)
+        t0 = time.perf_counter()
+        # One load of MNIST for the whole grid; train() slices its own shallow copy.
+        if args.cache is None:
+            args.cache = load_dataset("mnist", args.data_root)
+        train(config, resume=resume, overwrite=not resume, data=dataclasses.replace(args.cache))
+        print(f"  {out.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    final = json.loads(done.read_text())
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    final["marginal_entropy"] = history[-1].get("marginal_entropy")
+    final["acc_hungarian_per_epoch"] = [round(row["acc_hungarian"], 4) for row in history]
+    final["seed"] = seed
+    return final
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    out = {}
+    for key in (*METRICS, "seconds", "epochs"):
+        values = [r[key] for r in per_seed if r.get(key) is not None]
+        if not values:
+            continue
+        out[key] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "best": max(values) if key != "elbo" else max(values),
+            "worst": min(values),
+        }
+    out["num_seeds"] = len(per_seed)
+    return out
+
+
+def paper_key(setting: dict) -> str | None:
+    key = f"K={setting['K']}, M={setting['mc_samples']}"
+    return key if key in PAPER else None
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    pct = ("acc_paper", "acc_hungarian", "purity", "nmi", "ari")
+    lines = [
+        "# MNIST clustering: multi-seed results",
+        "",
+        "Generated by `experiments/reproduce.py` from `mnist.json`; do not edit by hand. Test split "
+        "(10,000 images unless the images column says otherwise), metrics after the last epoch of each "
+        "run (no early stopping on the test set). Cells are mean +- std over seeds, with "
+        "[worst, best]; accuracies, purity, NMI and ARI in percent.",
+        "",
+        "| grid | setting | seeds | epochs | train / test images | "
+        + " | ".join(pct)
+        + " | clusters used | s / run | paper (rule) mean +- std [best] |",
+        "|" + "---|" * (len(pct) + 8),
+    ]
+    for name, entry in sorted(results["settings"].items(), key=lambda kv: (kv[1]["grid"], kv[0])):
+        s = entry["summary"]
+        cells = []
+        for key in pct:
+            m = s[key]
+            cells.append(
+                f"{100 * m['mean']:.1f} +- {100 * m['std']:.1f} [{100 * m['worst']:.1f}, {100 * m['best']:.1f}]"
+            )
+        used = s["clusters_used"]
+        paper = PAPER.get(entry["paper_key"] or "")
+        paper_cell = f"{paper['mean']} +- {paper['std']} [{paper['best']}]" if paper else "-"
+        lines.append(
+            f"| {entry['grid']} | `{name}` | {s['num_seeds']} | {entry['epochs']} | "
+            f"{entry['train_subset'] or 60000} / {entry['test_subset'] or 10000} | "
+            + " | ".join(cells)
+            + f" | {used['mean']:.1f} [{used['worst']}, {used['best']}] | {s['seconds']['mean']:.0f} | {paper_cell} |"
+        )
+    lines += [
+        "",
+        "Paper (Dilokthanakul et al. 2016, Table 1; MNIST test accuracy, paper rule, percent):",
+        "",
+        "| setting | mean +- std | best |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {v['mean']} +- {v['std']} | {v['best']} |" for k, v in PAPER.items()]
+    lines += ["", f"Baselines quoted there: {PAPER_BASELINES}.", "", "Machines:", ""]
+    for name, entry in sorted(results["settings"].items()):
+        m = entry["machine"]
+        lines.append(
+            f"- `{name}`: {m['device']}, {m['platform']}, {m['cpu_count']} CPUs, "
+            f"{m['torch_threads']} torch threads, torch {m['torch']}"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--grid", choices=sorted(GRIDS), default="smoke")
+    p.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: the grid's)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="epoch budget per run (default: the grid's)")
+    p.add_argument("--train-subset", type=int, help="first N training images only (quick checks)")
+    p.add_argument("--test-subset", type=int, help="first N test images only (quick checks)")
+    p.add_argument("--only", type=int, nargs="*", help="indices of the grid's settings to run")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--data-root")
+    p.add_argument("--results", default=str(RESULTS), help="folder for mnist.json, mnist.md and runs/")
+    args = p.parse_args(argv)
+    args.cache = None
+    grid = GRIDS[args.grid]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.train_subset = args.train_subset or grid.get("train_subset")
+    args.test_subset = args.test_subset or grid.get("test_subset")
+    epochs = args.epochs or grid["epochs"]
+    seeds = range(args.first_seed, args.first_seed + (args.seeds or grid["seeds"]))
+    results_dir = Path(args.results)
+    runs = results_dir / "runs" / args.grid
+    json_path = results_dir / "mnist.json"
+    settings = [s for i, s in enumerate(grid["settings"]) if args.only is None or i in args.only]
+
+    for setting in settings:
+        name = f"{setting_name(setting, args.train_subset)}-e{epochs}"
+        print(f"{args.grid} / {name}: seeds {list(seeds)}", flush=True)
+        per_seed = []
+        for seed in seeds:
+            try:
+                per_seed.append(run_cell(setting, seed, epochs, runs / f"{name}-s{seed}", args))
+            except (UserInputError, NonFiniteLossError) as err:
+                print(f"  seed {seed}: error: {err}", file=sys.stderr)
+                per_seed.append({"seed": seed, "error": str(err)})
+        finished = [r for r in per_seed if "error" not in r]
+        # Re-read just before writing: several benchmark processes may share the file.
+        results = json.loads(json_path.read_text()) if json_path.is_file() else {"settings": {}}
+        entry = results["settings"].get(name, {"per_seed": []})
+        merged = {r["seed"]: r for r in entry["per_seed"]}
+        merged.update({r["seed"]: r for r in per_seed})
+        per_seed_all = [merged[k] for k in sorted(merged)]
+        ok = [r for r in per_seed_all if "error" not in r]
+        results["settings"][name] = {
+            "grid": args.grid,
+            "config": setting,
+            "epochs": epochs,
+            "train_subset": args.train_subset,
+            "test_subset": args.test_subset,
+            "paper_key": paper_key(setting),
+            "machine": machine(args.device),
+            "per_seed": per_seed_all,
+            "summary": summarise(ok) if ok else {},
+        }
+        results["paper"] = PAPER
+        results_dir.mkdir(parents=True, exist_ok=True)
+        tmp = json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(json_path)
+        write_markdown(
+            {"settings": {k: v for k, v in results["settings"].items() if v["summary"]}}, results_dir / "mnist.md"
+        )
+        if finished:
+            h = summarise(finished)["acc_hungarian"]
+            print(
+                f"  acc_hungarian {100 * h['mean']:.1f} +- {100 * h['std']:.1f} over {len(finished)} seeds", flush=True
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

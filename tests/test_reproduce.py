@@ -1,0 +1,58 @@
+"""The reproduction benchmark: a tiny grid trains, summarises over seeds, and skips finished
+cells when run again."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from conftest import REPO, requires_mnist
+
+
+def _reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "experiments" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_over_seeds():
+    reproduce = _reproduce()
+    rows = [{"acc_hungarian": a, "seconds": 1.0, "epochs": 2} for a in (0.5, 0.7, 0.6)]
+    s = reproduce.summarise(rows)
+    assert s["acc_hungarian"]["mean"] == pytest.approx(0.6)
+    assert s["acc_hungarian"]["std"] == pytest.approx(0.1)
+    assert (s["acc_hungarian"]["worst"], s["acc_hungarian"]["best"]) == (0.5, 0.7)
+    assert s["num_seeds"] == 3
+
+
+@requires_mnist
+def test_smoke_grid_is_resumable(tmp_path, capsys):
+    reproduce = _reproduce()
+    argv = [
+        "--grid",
+        "smoke",
+        "--only",
+        "0",
+        "--seeds",
+        "2",
+        "--train-subset",
+        "200",
+        "--test-subset",
+        "100",
+        "--results",
+        str(tmp_path),
+    ]
+    assert reproduce.main(argv) == 0
+    results = json.loads((tmp_path / "mnist.json").read_text())
+    ((name, entry),) = results["settings"].items()
+    assert [r["seed"] for r in entry["per_seed"]] == [0, 1]
+    assert entry["summary"]["num_seeds"] == 2 and entry["paper_key"] == "K=10, M=1"
+    assert entry["machine"]["cpu_count"] >= 1
+    table = (tmp_path / "mnist.md").read_text()
+    assert name in table and "77.78 +- 5.75" in table
+    capsys.readouterr()
+    assert reproduce.main(argv) == 0
+    assert capsys.readouterr().out.count("done, read") == 2
+    assert json.loads((tmp_path / "mnist.json").read_text())["settings"][name]["per_seed"] == entry["per_seed"]
