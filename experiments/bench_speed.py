@@ -1,7 +1,7 @@
 """Training-step speed of the Pyro objective against the same objective in plain PyTorch.
 
-    OMP_WAIT_POLICY=PASSIVE python experiments/bench_speed.py --quick     # acceptance rows
-    OMP_WAIT_POLICY=PASSIVE python experiments/bench_speed.py             # full grid
+    OMP_WAIT_POLICY=PASSIVE python experiments/bench_speed.py --quick --no-options --no-epoch  # acceptance rows
+    OMP_WAIT_POLICY=PASSIVE python experiments/bench_speed.py             # everything, ~30 min bound
     python experiments/bench_speed.py --device cuda --out experiments/results/speed_cuda.json
 
 The project side is exactly one step of ``pyro_gmvae.training.train``: the loss module of
@@ -14,19 +14,28 @@ give the same loss and gradients on the same random draws.  The two sides are th
 interleaved (A B A B ...) in one process after warm-up, so machine noise (other jobs on the
 2 shared cores) hits both alike; the reported ratio is median(project) / median(reference).
 
-Peak memory: on CPU, the peak resident set size (``VmHWM``) of a fresh child process that
-runs a few steps of one side, minus its resident size just before the first step; on CUDA,
-``torch.cuda.max_memory_allocated`` around the steps of each side.
+Peak memory: on CPU, the peak resident set size (``VmHWM``, reset through
+``/proc/self/clear_refs`` after freed heap is returned with ``malloc_trim``) over two steps
+of one side, minus the resident size just before them; on CUDA,
+``torch.cuda.max_memory_allocated`` around the steps.  The acceptance rows also record the
+peak of a fresh child process from before its first step (that one includes Adam's state).
+
+The run is bounded: ``--deadline`` seconds in all (grid cases predicted not to fit are
+listed in ``grid_skipped`` with the reason), and ``torch.compile`` runs in a child process
+killed after ``--compile-timeout`` seconds (the outcome is recorded either way).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -170,9 +179,13 @@ class Sides:
         with self.autocast:
             return reference_step(self.model, self.guide, self.opt_reference, self.y, self.case["mc_samples"])
 
-    def check(self, rtol: float = 1e-5) -> dict:
-        """Same loss and gradients on the same draws (float64 on CPU, so rounding is not the test)."""
-        model, guide, y = self.model, self.guide, self.y
+    def check(self, rtol: float = 1e-5, batch: int | None = None) -> dict:
+        """Same loss and gradients on the same draws (float64 on CPU, so rounding is not the test).
+
+        ``batch`` checks on the first ``batch`` examples only (the maths does not depend on B;
+        float64 steps of the large cases would cost more than their timing).
+        """
+        model, guide, y = self.model, self.guide, self.y[:batch]
         dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         model.to(dtype)
         guide.to(dtype)
@@ -198,7 +211,13 @@ class Sides:
             raise AssertionError(
                 f"{case_name(self.case)}: project and reference differ (loss rel {rel:.2e}, grad rel {grad_rel:.2e})"
             )
-        return {"loss_project": loss_p, "loss_reference": loss_r, "loss_rel_diff": rel, "grad_rel_diff": grad_rel}
+        return {
+            "batch": len(y),
+            "loss_project": loss_p,
+            "loss_reference": loss_r,
+            "loss_rel_diff": rel,
+            "grad_rel_diff": grad_rel,
+        }
 
 
 def _sync(device):
@@ -206,37 +225,36 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(sides: Sides, warmup: int, min_steps: int, max_steps: int, budget_s: float) -> dict:
-    """Median step times of both sides, A B A B ..., after ``warmup`` steps of each."""
-    device = sides.device
+def time_interleaved(steps: dict, device, batch: int, warmup: int, min_steps: int, max_steps: int, budget_s: float):
+    """Median step times of two step functions run alternately (A B A B ...) after warm-up.
+
+    ``steps`` maps two names to zero-argument callables; the first is the numerator of the ratio.
+    """
+    (name_a, step_a), (name_b, step_b) = steps.items()
     t_warm = time.perf_counter()
     for _ in range(warmup):
-        sides.project()
-        sides.reference()
+        step_a()
+        step_b()
         _sync(device)
         if time.perf_counter() - t_warm > budget_s / 4:  # slow cases: one or two pairs warm up enough
             break
-    times = {"project": [], "reference": []}
+    times = {name_a: [], name_b: []}
     start = time.perf_counter()
-    while len(times["project"]) < max_steps:
-        for name in ("project", "reference"):
+    while len(times[name_a]) < max_steps:
+        for name, step in ((name_a, step_a), (name_b, step_b)):
             t0 = time.perf_counter()
-            getattr(sides, name)()
+            step()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
-        done = len(times["project"])
-        if done >= min_steps and time.perf_counter() - start > budget_s:
+        if len(times[name_a]) >= min_steps and time.perf_counter() - start > budget_s:
             break
-    batch = sides.case["batch_size"]
-    out = {"steps_per_side": len(times["project"])}
+    out = {"steps_per_side": len(times[name_a])}
     for name, ts in times.items():
         med = statistics.median(ts)
-        out[name] = {"median_step_s": med, "examples_per_s": batch / med}
+        out[name] = {"median_step_s": med, "examples_per_s": batch / med, "min_step_s": min(ts)}
     # Ratio of medians and the median of per-pair ratios (the second is robust to drifts).
-    out["ratio"] = out["project"]["median_step_s"] / out["reference"]["median_step_s"]
-    out["ratio_pairwise_median"] = statistics.median(
-        p / r for p, r in zip(times["project"], times["reference"], strict=True)
-    )
+    out["ratio"] = out[name_a]["median_step_s"] / out[name_b]["median_step_s"]
+    out["ratio_pairwise_median"] = statistics.median(a / b for a, b in zip(times[name_a], times[name_b], strict=True))
     return out
 
 
@@ -248,12 +266,23 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_probe(case: dict, side: str, device: torch.device, steps: int = 2) -> float:
-    """Peak memory (MiB) of ``steps`` training steps of one side (see module docstring)."""
-    sides = Sides(case, device)
-    step = sides.project if side == "project" else sides.reference
+def _release_and_reset_peak() -> int:
+    """Free what can be freed, return it to the OS, reset the peak RSS; the resident KiB after."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages otherwise
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    return _status_kib("VmRSS")
+
+
+def step_peak_memory(step, device: torch.device, steps: int = 2) -> float:
+    """Peak memory (MiB) of ``steps`` training steps above what is resident before them.
+
+    CPU: VmHWM - VmRSS of this process, with the peak reset and freed heap returned to the OS
+    just before (parameters, Adam state and data are resident already, so this is what a step
+    allocates: activations, the autograd graph, gradients).  CUDA: max_memory_allocated delta.
+    """
     if device.type == "cuda":
-        step()
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -261,6 +290,16 @@ def memory_probe(case: dict, side: str, device: torch.device, steps: int = 2) ->
             step()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    base = _release_and_reset_peak()
+    for _ in range(steps):
+        step()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def memory_probe(case: dict, side: str, device: torch.device, steps: int = 2) -> float:
+    """Peak RSS delta of a fresh process from before its first step (cross-check; includes Adam state)."""
+    sides = Sides(case, device)
+    step = sides.project if side == "project" else sides.reference
     base = _status_kib("VmRSS")
     for _ in range(steps):
         step()
@@ -270,18 +309,152 @@ def memory_probe(case: dict, side: str, device: torch.device, steps: int = 2) ->
 def memory_in_child(case: dict, side: str, threads: int) -> float:
     """Run :func:`memory_probe` in a fresh interpreter so earlier cases do not hide the peak."""
     cmd = [sys.executable, __file__, "--memory-probe", json.dumps(case), "--side", side, "--threads", str(threads)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def parameter_mib(sides: Sides) -> float:
+    return sum(p.numel() * p.element_size() for p in sides.loss_fn.parameters()) / 2**20
+
+
+# --- options ----------------------------------------------------------------------------
+def option_jit(case: dict, device: torch.device) -> dict:
+    """JitTraceEnum_ELBO: build and take one step; record the error if it fails."""
+    row = {"option": "jit", "name": case_name(case), "what": "make_elbo(jit=True), i.e. JitTraceEnum_ELBO"}
+    try:
+        sides = Sides(case, device, "jit")
+        t0 = time.perf_counter()
+        sides.project()
+        row["first_step_s"] = time.perf_counter() - t0
+        row.update(
+            time_interleaved(
+                {"with_option": sides.project, "default": Sides(case, device).project},
+                device,
+                case["batch_size"],
+                3,
+                8,
+                30,
+                10.0,
+            )
+        )
+    except Exception as err:  # noqa: BLE001 - an option that fails is a result too
+        row["error"] = repr(err)[:500]
+    return row
+
+
+def option_validation(case: dict, device: torch.device, args) -> dict:
+    """Pyro validation on against off (training.train runs with it off), same modules, interleaved."""
+    sides = Sides(case, device)
+
+    def on():
+        with pyro.validation_enabled(True):
+            sides.project()
+
+    def off():
+        with pyro.validation_enabled(False):
+            sides.project()
+
+    row = {"option": "validation_on", "name": case_name(case), "what": "pyro.enable_validation(True) vs False"}
+    row.update(
+        time_interleaved(
+            {"with_option": on, "default": off},
+            device,
+            case["batch_size"],
+            3,
+            args.min_steps_options,
+            args.max_steps,
+            args.budget,
+        )
+    )
+    return row
+
+
+def option_channels_last(case: dict, device: torch.device, args) -> dict:
+    """Conv networks and data in channels-last layout against the default layout (two copies, same init)."""
+    last, default = Sides(case, device, "channels_last"), Sides(case, device)
+    row = {"option": "channels_last", "name": case_name(case), "what": "model, guide and batch in channels_last"}
+    row.update(
+        time_interleaved(
+            {"with_option": last.project, "default": default.project},
+            device,
+            case["batch_size"],
+            2,
+            args.min_steps_options,
+            args.max_steps,
+            args.budget,
+        )
+    )
+    return row
+
+
+def option_compile_child(case: dict, device: torch.device, args) -> dict:
+    """torch.compile of encoder, decoder and prior network (run inside a child process)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1  # 2 shared cores
+    compiled, default = Sides(case, device, "compile"), Sides(case, device)
+    row = {"option": "compile", "name": case_name(case), "what": "Module.compile() of encoder, decoder, prior network"}
+    t0 = time.perf_counter()
+    compiled.project()
+    _sync(device)
+    row["first_step_s"] = time.perf_counter() - t0  # tracing + inductor codegen + C++ build
+    t0 = time.perf_counter()
+    compiled.project()
+    _sync(device)
+    row["second_step_s"] = time.perf_counter() - t0  # recompiles on the second call (e.g. Adam) show here
+    row.update(
+        time_interleaved(
+            {"with_option": compiled.project, "default": default.project},
+            device,
+            case["batch_size"],
+            3,
+            args.min_steps_options,
+            args.max_steps,
+            args.budget,
+        )
+    )
+    return row
+
+
+def option_compile(case: dict, args) -> dict:
+    """Run :func:`option_compile_child` in a child with a timeout, so a slow compile cannot hang the run."""
+    cmd = [sys.executable, __file__, "--compile-child", json.dumps(case), "--device", args.device,
+           "--threads", str(args.threads), "--budget", str(args.budget), "--max-steps", str(args.max_steps),
+           "--min-steps-options", str(args.min_steps_options)]  # fmt: skip
+    t0 = time.perf_counter()
+    row = {"option": "compile", "name": case_name(case), "timeout_s": args.compile_timeout}
+    # A private inductor cache: a cold compile is what is measured, and other users' half-written
+    # cache files (seen here: "file too short") cannot break it.
+    cache = tempfile.mkdtemp(prefix="bench_inductor_")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": cache}
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout, env=env)
+    except subprocess.TimeoutExpired:
+        row["error"] = f"did not finish compiling and timing within {args.compile_timeout} s (killed)"
+        row["wall_s"] = time.perf_counter() - t0
+        return row
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    row["wall_s"] = time.perf_counter() - t0
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        row["error"] = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1][:500]
+        return row
+    row.update(json.loads(lines[-1]))
+    return row
+
+
 # --- a whole epoch ------------------------------------------------------------------------
-def epoch_throughput(device: str, batch_size: int = 256) -> dict:
-    """Examples per second of one full MNIST fc training epoch through ``training.train``."""
+def epoch_throughput(
+    device: str, batch_size: int = 256, train_subset: int | None = None, data_root: str | None = None
+) -> dict:
+    """Examples per second of one MNIST fc training epoch through ``training.train``, and its peak memory."""
     from pyro_gmvae.training import train
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Config(
             data="mnist",
+            data_root=data_root,
             network="fc",
             K=10,
             batch_size=batch_size,
@@ -289,76 +462,123 @@ def epoch_throughput(device: str, batch_size: int = 256) -> dict:
             device=device,
             out=str(Path(tmp) / "run"),
             progress=False,
+            train_subset=train_subset,
+            test_subset=2000,  # evaluation is not what is timed; keep it short
         )
+        base = _release_and_reset_peak() if device == "cpu" else None
         t0 = time.perf_counter()
         result = train(config, make_figures=False)
         wall = time.perf_counter() - t0
+        peak = (_status_kib("VmHWM") - base) / 1024 if base is not None else None
     row = result.history[-1]
-    steps = 60000 // batch_size
+    num_train = train_subset or 60000
+    steps = num_train // batch_size
     return {
-        "data": "mnist (60000 train images)",
+        "data": f"mnist, {num_train} training images" + ("" if train_subset else " (the full training set)"),
         "network": "fc",
         "hidden_dim": result.config.hidden_dim,
         "K": 10,
+        "mc_samples": 1,
         "batch_size": batch_size,
         "steps": steps,
         "train_seconds": row["seconds"],
         "examples_per_s": steps * batch_size / row["seconds"],
-        "wall_seconds_with_eval_and_checkpoint": wall,
+        "wall_seconds_with_load_eval_checkpoint": wall,
+        "peak_rss_delta_mib": peak,
         "device": device,
     }
 
 
 # --- main -----------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
+def machine(device: torch.device) -> dict:
+    info = {"cpu_model": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+                info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    info["torch_threads"] = torch.get_num_threads()
+    info["load_average_start"] = list(os.getloadavg())
+    if device.type == "cuda":
+        info["gpu_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = machine(device)
+    return f"{info['cpu_model']}, {info['torch_threads']} threads"
+
+
+def fc_cost(case: dict) -> float:
+    """A rough flop count per step, only to order the grid cheap-first and predict slow cases."""
+    h, k, m, b = case["hidden_dim"], case["K"], case["mc_samples"], case["batch_size"]
+    encoder = h * (784 + h + 700)
+    per_particle = h * (200 + h + 784) + h * (150 + h + 400 * k) + 600 * k
+    return b * (encoder + m * per_particle)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="only the acceptance rows and options")
+    p.add_argument("--quick", action="store_true", help="only the acceptance rows (no grid)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(HERE / "results" / "speed.json"))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--budget", type=float, default=20.0, help="seconds of timing per case (after min steps)")
-    p.add_argument("--min-steps", type=int, default=5)
+    p.add_argument("--budget", type=float, default=6.0, help="seconds of timing per case once min steps are done")
+    p.add_argument("--min-steps", type=int, default=8, help="timed steps per side and grid case (at least)")
+    p.add_argument("--min-steps-acceptance", type=int, default=30, help="timed steps per side, acceptance rows")
+    p.add_argument("--min-steps-options", type=int, default=10, help="timed steps per side, options")
     p.add_argument("--max-steps", type=int, default=60)
-    p.add_argument("--no-memory", action="store_true", help="skip peak memory (a child process per case and side)")
-    p.add_argument("--no-epoch", action="store_true", help="skip the full MNIST epoch")
+    p.add_argument(
+        "--deadline", type=float, default=1800.0, help="seconds in all: grid cases predicted not to fit are skipped"
+    )
+    p.add_argument("--compile-timeout", type=float, default=300.0, help="seconds for the torch.compile option")
+    p.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    p.add_argument("--no-epoch", action="store_true", help="skip the MNIST epochs")
+    p.add_argument("--data-root", help="folder holding MNIST/raw (default: $PYRO_GMVAE_DATA, then ./data)")
     p.add_argument("--no-options", action="store_true", help="skip the options (jit, compile, ...)")
-    p.add_argument("--options", default="jit,compile,channels_last,bf16,validation_on")
+    p.add_argument("--options", default="jit,validation_on,channels_last,compile,bf16")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    p.add_argument("--compile-child", help=argparse.SUPPRESS)
     p.add_argument("--side", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def run_case(case, device, args, option="default", memory=True) -> dict:
-    sides = Sides(case, device, option)
-    row = {"case": case, "name": case_name(case), "option": option}
-    if option in ("default", "validation_on"):
-        row["check"] = sides.check()
-    warmup = 10 if option == "compile" else 3
-    row.update(time_interleaved(sides, warmup, args.min_steps, args.max_steps, args.budget))
-    if memory and option == "default":
-        unit = "MiB, torch.cuda.max_memory_allocated" if device.type == "cuda" else "MiB, peak RSS delta (VmHWM)"
-        for name in ("project", "reference"):
-            if device.type == "cuda":
-                row[name]["peak_memory_mib"] = memory_probe(case, name, device)
-            else:
-                row[name]["peak_memory_mib"] = memory_in_child(case, name, args.threads)
-        row["memory_method"] = unit
+def run_case(case, device, args, min_steps: int, memory: bool = True) -> dict:
+    sides = Sides(case, device)
+    row = {"case": case, "name": case_name(case), "parameters_mib": parameter_mib(sides)}
+    t0 = time.perf_counter()
+    row["check"] = sides.check(batch=min(case["batch_size"], 64))
+    row["check"]["seconds"] = time.perf_counter() - t0
+    row.update(
+        time_interleaved(
+            {"project": sides.project, "reference": sides.reference},
+            device,
+            case["batch_size"],
+            3,
+            min_steps,
+            max(args.max_steps, min_steps),
+            args.budget,
+        )
+    )
+    if memory:
+        row["memory_method"] = (
+            "MiB, torch.cuda.max_memory_allocated delta over 2 steps"
+            if device.type == "cuda"
+            else "MiB, peak RSS (VmHWM) over 2 steps minus RSS before them, after the timed steps"
+        )
+        row["project"]["peak_memory_mib"] = step_peak_memory(sides.project, device)
+        row["reference"]["peak_memory_mib"] = step_peak_memory(sides.reference, device)
     print(
-        f"{row['name']:<34} {option:<14} project {row['project']['median_step_s'] * 1e3:8.2f} ms  "
-        f"reference {row['reference']['median_step_s'] * 1e3:8.2f} ms  ratio {row['ratio']:.3f} "
-        f"(pairwise {row['ratio_pairwise_median']:.3f}, n={row['steps_per_side']})",
+        f"{row['name']:<30} project {row['project']['median_step_s'] * 1e3:9.2f} ms  "
+        f"reference {row['reference']['median_step_s'] * 1e3:9.2f} ms  ratio {row['ratio']:.3f} "
+        f"(pairwise {row['ratio_pairwise_median']:.3f}, n={row['steps_per_side']})"
+        + (
+            f"  mem {row['project']['peak_memory_mib']:.0f}/{row['reference']['peak_memory_mib']:.0f} MiB"
+            if memory
+            else ""
+        ),
         flush=True,
     )
     return row
@@ -369,60 +589,123 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     pyro.settings.set(module_local_params=True)
     device = torch.device(args.device)
-    if args.memory_probe:
-        pyro.enable_validation(False)
-        print(memory_probe(json.loads(args.memory_probe), args.side, device))
-        return 0
     # training.train runs its steps with validation off; do the same unless measuring it.
     pyro.enable_validation(False)
+    if args.memory_probe:
+        print(memory_probe(json.loads(args.memory_probe), args.side, device))
+        return 0
+    if args.compile_child:
+        print(json.dumps(option_compile_child(json.loads(args.compile_child), device, args)))
+        return 0
+    started = time.perf_counter()
+    info = machine(device)
     report = {
         "device": str(device),
         "device_name": device_name(device),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "gpu_note": None if torch.cuda.is_available() else "not available in this session",
+        "machine": info,
+        "gpu": info.get("gpu_name"),
+        "gpu_note": None if device.type == "cuda" else "not available in this session",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         "command": "python experiments/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "timing": "median step time of interleaved steps (project, reference, project, ...) after warm-up",
-        "grid": [],
         "acceptance": [],
         "options": [],
+        "grid": [],
+        "grid_skipped": [],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for case in grid(args.quick):
-        report["grid"].append(run_case(case, device, args, memory=not args.no_memory))
+
+    def save():
+        report["machine"]["load_average_now"] = list(os.getloadavg())
+        report["seconds"] = time.perf_counter() - started
         out.write_text(json.dumps(report, indent=2) + "\n")  # partial results survive an interrupted run
+
+    memory = not args.no_memory
     for case, limit in ACCEPTANCE:
-        row = next((r for r in report["grid"] if r["case"] == case), None)
-        if row is None:
-            continue
+        row = run_case(case, device, args, args.min_steps_acceptance, memory)
+        if memory and device.type == "cpu":  # cross-check: a fresh process, from before its first step
+            row["fresh_process_peak_mib"] = {
+                s: memory_in_child(case, s, args.threads) for s in ("project", "reference")
+            }
+        report["grid"].append(row)
         report["acceptance"].append(
-            {"name": row["name"], "ratio": row["ratio"], "limit": limit, "pass": row["ratio"] <= limit}
+            {
+                "name": row["name"],
+                "ratio": row["ratio"],
+                "ratio_pairwise_median": row["ratio_pairwise_median"],
+                "steps_per_side": row["steps_per_side"],
+                "limit": limit,
+                "pass": row["ratio"] <= limit,
+            }  # fmt: skip
         )
+        save()
     if not args.no_options:
         fc = ACCEPTANCE[0][0]
         conv = dict(network="conv", hidden_dim=500, K=10, mc_samples=1, batch_size=256)
         for option in args.options.split(","):
-            if option == "bf16" and device.type != "cuda":
-                report["options"].append({"option": option, "skipped": "mixed precision is measured on CUDA only"})
-                continue
-            if option == "validation_on":
-                with pyro.validation_enabled(True):
-                    report["options"].append(run_case(fc, device, args, option, memory=False))
-                continue
-            case = conv if option == "channels_last" else fc
-            try:
-                report["options"].append(run_case(case, device, args, option, memory=False))
-            except Exception as err:  # an option that fails to build is a result too
-                report["options"].append({"option": option, "name": case_name(case), "error": repr(err)[:500]})
-                print(f"option {option} failed: {err!r}"[:300], flush=True)
+            t0 = time.perf_counter()
+            if option == "bf16":
+                if device.type != "cuda":
+                    row = {"option": option, "skipped": "mixed precision is measured on CUDA only"}
+                else:
+                    row = {"option": option, "skipped": "not implemented for this run"}
+            elif option == "jit":
+                row = option_jit(fc, device)
+            elif option == "validation_on":
+                row = option_validation(fc, device, args)
+            elif option == "channels_last":
+                row = option_channels_last(conv, device, args)
+            elif option == "compile":
+                row = option_compile(fc, args)
+            else:
+                raise SystemExit(f"unknown option {option!r}")
+            row["seconds"] = time.perf_counter() - t0
+            report["options"].append(row)
+            print("option", json.dumps(row)[:400], flush=True)
+            save()
     if not args.no_epoch:
-        pyro.enable_validation(False)
-        report["epoch"] = epoch_throughput(args.device)
-        print("epoch:", report["epoch"], flush=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+        report["epochs"] = []
+        for subset in (None, 15000):  # the full training set, then a quarter of it (data-size scaling)
+            try:
+                report["epochs"].append(epoch_throughput(args.device, train_subset=subset, data_root=args.data_root))
+            except Exception as err:  # noqa: BLE001 - e.g. MNIST missing: record it, keep the grid
+                report["epochs"].append({"train_subset": subset, "error": repr(err)[:500]})
+            print("epoch:", report["epochs"][-1], flush=True)
+            save()
+    if not args.quick:
+        done = [row["case"] for row in report["grid"]]
+        cases = [c for c in grid(False) if c not in done]
+        # conv first (needed for the table whatever happens), then fc cheap-first.
+        cases.sort(key=lambda c: (c["network"] != "conv", fc_cost(c)))
+        for case in cases:
+            remaining = args.deadline - (time.perf_counter() - started)
+            steps = 3 + args.min_steps + (2 if memory else 0)
+            fc_rows = [r for r in report["grid"] if r["case"]["network"] == "fc"]
+            predicted = None
+            if case["network"] == "fc" and fc_rows:
+                # seconds per unit of fc_cost, the largest seen (slow cases are the least efficient to guess)
+                rate = max(r["project"]["median_step_s"] / fc_cost(r["case"]) for r in fc_rows[-3:])
+                predicted = rate * fc_cost(case)
+                if 2 * steps * predicted > remaining:
+                    report["grid_skipped"].append(
+                        {
+                            "name": case_name(case),
+                            "case": case,
+                            "predicted_step_s": predicted,
+                            "reason": f"{2 * steps} steps at ~{predicted:.1f} s predicted; {remaining:.0f} s of the "
+                            f"--deadline {args.deadline:.0f} s left",
+                        }  # fmt: skip
+                    )
+                    print("skip", report["grid_skipped"][-1]["reason"], case_name(case), flush=True)
+                    save()
+                    continue
+            report["grid"].append(run_case(case, device, args, args.min_steps, memory))
+            save()
+    report["machine"]["load_average_end"] = list(os.getloadavg())
+    save()
     print(f"wrote {out}")
     return 0 if all(row["pass"] for row in report["acceptance"]) else 1
 

@@ -228,13 +228,16 @@ def write_markdown(results: dict, path: Path) -> None:
         "|---|---|---|",
     ]
     lines += [f"| {k} | {v['mean']} +- {v['std']} | {v['best']} |" for k, v in PAPER.items()]
-    lines += ["", f"Baselines quoted there: {PAPER_BASELINES}.", "", "Machines:", ""]
-    for name, entry in sorted(results["settings"].items()):
+    lines += ["", f"Baselines quoted there: {PAPER_BASELINES}.", "", "Machines (grids: machine):", ""]
+    machines: dict[str, set] = {}
+    for entry in results["settings"].values():
         m = entry["machine"]
-        lines.append(
-            f"- `{name}`: {m['device']}, {m['platform']}, {m['cpu_count']} CPUs, "
-            f"{m['torch_threads']} torch threads, torch {m['torch']}"
+        text = (
+            f"{m['device']}, {m['platform']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
+            f"torch {m['torch']}"
         )
+        machines.setdefault(text, set()).add(entry["grid"])
+    lines += [f"- {', '.join(sorted(grids))}: {text}" for text, grids in machines.items()]
     path.write_text("\n".join(lines) + "\n")
 
 

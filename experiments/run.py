@@ -18,6 +18,7 @@ from pathlib import Path
 from pyro_gmvae.build import CHOICES
 from pyro_gmvae.config import Config
 from pyro_gmvae.data import DATA_ENV, DATASETS
+from pyro_gmvae.distributed import info_from_env
 from pyro_gmvae.errors import NonFiniteLossError, UserInputError
 from pyro_gmvae.training import default_out, train
 
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; the last complete checkpoint is kept, continue with --resume", file=sys.stderr)
         return 130
+    if not info_from_env().is_main:  # under torchrun only rank 0 reports (the others have no summary)
+        return 0
     summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.final.items())
     print(f"run folder: {result.out}")
     print(summary)

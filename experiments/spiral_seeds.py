@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import torch
 from pyro_gmvae import Config, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "spiral.json"
+FIGURES = Path(__file__).resolve().parent / "results" / "figures" / "spiral"
 
 
 def machine() -> dict:
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs", help="keep the run folders under this folder (default: a temporary one)")
     p.add_argument("--results", default=str(RESULTS), help="where to write the JSON summary")
+    p.add_argument("--figures", default=str(FIGURES), help="copy the first seed's figures here (for the README)")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             per_seed.append(row)
             print(json.dumps(row))
+            if seed == args.seeds[0] and args.figures:
+                shutil.copytree(result.out / "figures", args.figures, dirs_exist_ok=True)
 
     config = Config().resolved()
     report = {

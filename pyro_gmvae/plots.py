@@ -1,6 +1,8 @@
 """Figures of a run: loss curves, accuracy, samples per cluster, and the 2-D plots.
 
-Matplotlib with the Agg backend, so figures render without a display.
+Figures are built with matplotlib's object-oriented API (``Figure``, no pyplot state), so
+they render without a display and importing this module never switches a notebook's
+backend.
 """
 
 from __future__ import annotations
@@ -8,21 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Ellipse
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Ellipse  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from pyro_gmvae.posterior import assign, components, encode, reconstruct, sample  # noqa: E402
+from pyro_gmvae.posterior import assign, components, encode, reconstruct, sample
 
 TERMS = ("recon", "cond_prior", "w_prior", "z_prior", "cv")
 
 
+def _figure(*grid, figsize, **kwargs):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kwargs)
+
+
 def _cmap(num_clusters: int):
-    return plt.get_cmap("tab10" if num_clusters <= 10 else "tab20")
+    return matplotlib.colormaps["tab10" if num_clusters <= 10 else "tab20"]
 
 
 def _epoch_axis(ax, epochs) -> None:
@@ -39,7 +44,7 @@ def plot_losses(history: list[dict], path: Path) -> None:
     names = ["train_loss", "test_elbo", *TERMS]
     num_cols = 4
     num_rows = -(-len(names) // num_cols)
-    fig, axes = plt.subplots(num_rows, num_cols, figsize=(3 * num_cols, 2.6 * num_rows), squeeze=False)
+    fig, axes = _figure(num_rows, num_cols, figsize=(3 * num_cols, 2.6 * num_rows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):  # spare panels stay hidden
         ax.plot(epochs, [row[name] for row in history], marker="." if len(epochs) < 30 else None)
         ax.set_title(name)
@@ -49,13 +54,12 @@ def plot_losses(history: list[dict], path: Path) -> None:
     fig.suptitle("per-example terms (test split, except train_loss)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_accuracy(history: list[dict], path: Path) -> None:
     """Test accuracies and NMI per epoch."""
     epochs = [row["epoch"] for row in history]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _figure(figsize=(5, 3.5))
     for name in ("acc_paper", "acc_hungarian", "purity", "nmi"):
         ax.plot(epochs, [row[name] for row in history], label=name, marker="." if len(epochs) < 30 else None)
     _epoch_axis(ax, epochs)
@@ -64,7 +68,6 @@ def plot_accuracy(history: list[dict], path: Path) -> None:
     ax.set_title("test clustering metrics")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_sample_grid(model, path: Path, num_samples: int = 10) -> None:
@@ -72,7 +75,7 @@ def plot_sample_grid(model, path: Path, num_samples: int = 10) -> None:
     num_clusters = model.prior.num_clusters
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     rows = [sample(model, k, num_samples, generator=gen) for k in range(num_clusters)]  # (S, C, H, W)
-    fig, axes = plt.subplots(num_clusters, num_samples, figsize=(num_samples * 0.8, num_clusters * 0.8))
+    fig, axes = _figure(num_clusters, num_samples, figsize=(num_samples * 0.8, num_clusters * 0.8))
     axes = np.atleast_2d(axes)
     for k, images in enumerate(rows):
         for j, image in enumerate(images):
@@ -83,14 +86,13 @@ def plot_sample_grid(model, path: Path, num_samples: int = 10) -> None:
         axes[k, 0].set_ylabel(str(k), rotation=0, labelpad=10)
     fig.suptitle("one row per cluster k: mean of p(y | x), x ~ p(x | z=k, w=0)")
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_samples_2d(model, path: Path, num_samples: int = 200) -> None:
     """2-D data: draws from each cluster at w = 0, coloured by cluster."""
     cmap = _cmap(model.prior.num_clusters)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _figure(figsize=(5, 5))
     for k in range(model.prior.num_clusters):
         points = sample(model, k, num_samples, generator=gen).numpy()
         ax.scatter(points[:, 0], points[:, 1], s=3, color=cmap(k % cmap.N), label=str(k))
@@ -99,7 +101,6 @@ def plot_samples_2d(model, path: Path, num_samples: int = 200) -> None:
     ax.set_title("samples per cluster (w = 0)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_latent_2d(model, guide, y: torch.Tensor, path: Path) -> None:
@@ -109,7 +110,7 @@ def plot_latent_2d(model, guide, y: torch.Tensor, path: Path) -> None:
     loc, scale = components(model)  # (K, Dx) at w = 0
     cmap = _cmap(model.prior.num_clusters)
     x = q["x_loc"][:, :2].numpy()
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _figure(figsize=(5, 5))
     ax.scatter(x[:, 0], x[:, 1], s=3, c=[cmap(c % cmap.N) for c in clusters])
     for k in range(model.prior.num_clusters):
         ellipse = Ellipse(
@@ -125,7 +126,6 @@ def plot_latent_2d(model, guide, y: torch.Tensor, path: Path) -> None:
     ax.autoscale()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_reconstruction_2d(model, guide, y: torch.Tensor, path: Path) -> None:
@@ -133,14 +133,13 @@ def plot_reconstruction_2d(model, guide, y: torch.Tensor, path: Path) -> None:
     recon = reconstruct(model, guide, y).numpy()
     clusters = assign(model, guide, y).numpy()
     cmap = _cmap(model.prior.num_clusters)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _figure(figsize=(5, 5))
     ax.scatter(y[:, 0].numpy(), y[:, 1].numpy(), s=3, color="0.75", label="data")
     ax.scatter(recon[:, 0], recon[:, 1], s=3, c=[cmap(c % cmap.N) for c in clusters])
     ax.set_aspect("equal")
     ax.set_title("data (grey) and reconstructions by cluster")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def make_run_figures(out: Path, model, guide, data, history: list[dict]) -> list[Path]:

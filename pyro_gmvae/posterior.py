@@ -118,8 +118,14 @@ def components(model, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torc
     return loc.cpu(), scale.cpu()
 
 
-def sample(model, cluster: int, num_samples: int = 10, w: torch.Tensor | None = None, mean: bool = True,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    model,
+    cluster: int,
+    num_samples: int = 10,
+    w: torch.Tensor | str | None = None,
+    mean: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Draws from cluster ``cluster``: x ~ p(x | z=cluster, w), then y from p(y | x).
 
     ``w`` fixed (shape (Dw,); default 0, like the paper's figures) or ``"prior"`` to draw

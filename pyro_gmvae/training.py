@@ -207,7 +207,7 @@ def _nonfinite_report(model, guide, y: torch.Tensor) -> str:
     """Name the input or the ELBO terms that went non-finite on a batch."""
     if not torch.isfinite(y).all():
         return "the input batch holds NaN or infinite values"
-    with torch.no_grad():
+    with torch.no_grad(), pyro.validation_enabled(False):  # report NaN instead of raising on it
         terms = elbo_terms(model, guide, y)
     bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
     if bad:
@@ -318,17 +318,25 @@ def train(
         bad_step = torch.full((), -1, device=device, dtype=torch.long)
         for step in range(steps_per_epoch):
             y = x_train[distributed.shard(perm, step, batch_size, info)]  # this rank's slice
-            loss = step_loss(y) / len(y)  # DDP averages over ranks: the global batch mean
+            try:
+                loss = step_loss(y) / len(y)  # DDP averages over ranks: the global batch mean
+            except ValueError as err:
+                # Pyro validates distribution parameters (on by default): NaN there raises
+                # before the guard below could see it.  Report it the same way.
+                if "found invalid values" not in str(err):
+                    raise
+                loss = torch.full((), math.nan, device=device)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:
+                loss.backward()
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in loss_fn.parameters() if p.grad is not None])
             finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
             bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
-            if (step + 1) % check_every == 0 or step + 1 == steps_per_epoch:
+            if (step + 1) % check_every == 0 or step + 1 == steps_per_epoch or not loss.requires_grad:
                 if int(bad_step) >= 0:
                     bar.close()
                     first = int(bad_step)
-                    y_bad = x_train[perm[first * batch_size : (first + 1) * batch_size]]
+                    y_bad = x_train[distributed.shard(perm, first, batch_size, info)]
                     raise NonFiniteLossError(
                         f"non-finite loss or gradient at epoch {epoch}, step {first + 1}: "
                         f"{_nonfinite_report(model, guide, y_bad)}; the last good checkpoint "

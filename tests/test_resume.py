@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -118,6 +119,13 @@ def test_cli_resume_trains_the_remaining_epochs(tmp_path):
     _assert_same_checkpoints(one_go, out)
     assert [_untimed(r) for r in rows] == [_untimed(r) for r in _jsonl(one_go / "metrics.jsonl")]
 
-    third = _cli("--out", str(out), "--resume", "--epochs", "3")
-    assert third.returncode == 2
-    assert "--epochs is the total" in third.stderr
+
+def test_cli_refuses_fewer_epochs_than_done(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("run_cli", REPO / "experiments" / "run.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    small = ["--train-subset", "600", "--test-subset", "200", "--no-progress"]
+    assert cli.main(["--out", str(tmp_path), "--epochs", "2", *small]) == 0
+    assert cli.main(["--out", str(tmp_path), "--resume", "--epochs", "1"]) == 2
+    assert "--epochs is the total" in capsys.readouterr().err
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2

@@ -70,6 +70,7 @@ def _fail_after_epoch(monkeypatch, corrupt, at_epoch: int = 2):
         if state["epoch"] == at_epoch:
             seen["probs"] = cluster_probs(seen["model"], seen["guide"], seen["data"].x_test)
             corrupt(seen["model"], seen["data"])
+            seen["params"] = {n: p.detach().clone() for n, p in seen["model"].named_parameters()}
 
     def randperm(*args, **kwargs):
         perm = real_randperm(*args, **kwargs)
@@ -83,17 +84,20 @@ def _fail_after_epoch(monkeypatch, corrupt, at_epoch: int = 2):
     return seen
 
 
-def _assert_last_good_checkpoint_intact(out: Path, seen: dict, good_epoch: int) -> None:
+def _assert_last_good_checkpoint_intact(out: Path, seen: dict, good_epoch: int, failing_step: int) -> None:
     assert metrics_epochs(out) == list(range(1, good_epoch + 1))  # no line for the failing epoch
     assert not (out / "metrics.json").exists()
     state = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME, required=RESUME_KEYS)
     assert state["epoch"] == good_epoch and len(state["history"]) == good_epoch
     model, guide = rebuild(state)
     assert torch.equal(cluster_probs(model, guide, seen["data"].x_test), seen["probs"])
-    # The guard fired before optimizer.step(): the live parameters are still the saved ones.
-    for name, value in seen["model"].state_dict().items():
-        if "running" not in name and "num_batches" not in name:  # BatchNorm saw the bad batch
-            assert torch.equal(value, state["model"][name]), name
+    # The guard fired before optimizer.step(): no NaN reached the live parameters, and when
+    # the first step of the epoch failed they are exactly what they were before it.
+    for module in (seen["model"], seen["guide"]):
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+    if failing_step == 1:
+        for name, value in seen["model"].named_parameters():
+            assert torch.equal(value, seen["params"][name]), name
 
 
 def test_nan_in_a_batch_stops_with_epoch_step_and_input(tmp_path, monkeypatch):
@@ -112,7 +116,7 @@ def test_nan_in_a_batch_stops_with_epoch_step_and_input(tmp_path, monkeypatch):
     assert f"epoch 3, step {expected_step}:" in message
     assert "input batch holds NaN" in message
     assert "last good checkpoint (epoch 2)" in message and str(tmp_path / "run") in message
-    _assert_last_good_checkpoint_intact(tmp_path / "run", seen, good_epoch=2)
+    _assert_last_good_checkpoint_intact(tmp_path / "run", seen, good_epoch=2, failing_step=expected_step)
 
 
 def test_overflowing_term_is_named(tmp_path, monkeypatch):
@@ -128,11 +132,17 @@ def test_overflowing_term_is_named(tmp_path, monkeypatch):
     message = str(info.value)
     assert "epoch 3, step 1:" in message  # every batch overflows, so the first one fails
     assert "non-finite terms: recon" in message
-    _assert_last_good_checkpoint_intact(tmp_path / "run", seen, good_epoch=2)
+    _assert_last_good_checkpoint_intact(tmp_path / "run", seen, good_epoch=2, failing_step=1)
 
 
 # --- bounded scales ---------------------------------------------------------------------
+# Pre-activations up to the float32 limit.  Softplus grows linearly, so the scale overflows
+# only where the pre-activation itself already does; log-densities stay finite over the
+# whole range.  Gradients stay finite up to 1e30 (a variance of 1e60, already inf in
+# float32): only at ~3e38 does d(scale^2)/d(scale) = 2 * scale overflow and the gradient
+# turn NaN, which the training guard catches.
 HUGE = torch.tensor([-3e38, -1e30, -1e4, -20.0, 0.0, 20.0, 1e4, 1e30, 3e38])
+GRAD_SAFE = HUGE.abs() <= 1e30
 
 
 def test_positive_scale_is_finite_and_floored():
@@ -150,10 +160,10 @@ def test_likelihoods_stay_finite_for_huge_preactivations():
     log_prob = GaussianLikelihood()(out, data_dims=1).log_prob(y)
     assert torch.isfinite(log_prob).all()
     log_prob.sum().backward()
-    assert torch.isfinite(out.grad).all()
-    # Bernoulli: logits from -3e38 to 3e38 (binary cross-entropy with logits never overflows).
-    logits = HUGE[:, None, None].expand(-1, 1, 3).clone().requires_grad_()
-    log_prob = BernoulliLikelihood()(logits, data_dims=1).log_prob(y)
+    assert torch.isfinite(out.grad[GRAD_SAFE]).all()
+    # Bernoulli: logits up to +-1e30 (no scale; near 3e38 the sum over pixels itself overflows).
+    logits = HUGE[GRAD_SAFE, None, None].expand(-1, 1, 3).clone().requires_grad_()
+    log_prob = BernoulliLikelihood()(logits, data_dims=1).log_prob(y[GRAD_SAFE])
     assert torch.isfinite(log_prob).all()
     log_prob.sum().backward()
     assert torch.isfinite(logits.grad).all()
@@ -165,7 +175,7 @@ def test_component_densities_stay_finite_for_huge_scales():
     log_dens = log_component_densities(loc, positive_scale(raw), torch.randn(len(HUGE), 2))
     assert torch.isfinite(log_dens).all()
     log_dens.sum().backward()
-    assert torch.isfinite(raw.grad).all()
+    assert torch.isfinite(raw.grad[GRAD_SAFE]).all()
 
 
 # --- kill and interrupt -----------------------------------------------------------------
@@ -211,11 +221,13 @@ def _kill_while_writing(proc: subprocess.Popen, out: Path, timeout: float = 5) -
     return False
 
 
-def test_sigkill_at_random_moments_then_resume(tmp_path):
+# Each kill costs a fresh interpreter (the torch import): two by default, six with -m slow.
+@pytest.mark.parametrize("num_kills", [2, pytest.param(6, marks=pytest.mark.slow)])
+def test_sigkill_at_random_moments_then_resume(tmp_path, num_kills):
     out = tmp_path / "run"
-    rng = random.Random(0)
+    rng = random.Random(num_kills)
     kills, mid_write, resume = 0, 0, False
-    while kills < 6:
+    while kills < num_kills:
         proc = _start(out, resume)
         if not _wait_for_new_checkpoint(proc, out, _checkpoint_id(out)):
             break  # finished before we could kill it: the loop below checks the outcome
@@ -230,7 +242,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         assert [row["epoch"] for row in state["history"]] == list(range(1, state["epoch"] + 1))
         assert metrics_epochs(out) in (list(range(1, state["epoch"])), list(range(1, state["epoch"] + 1)))
         resume = True
-    assert kills >= 5, f"only {kills} kills landed"
+    assert kills == num_kills, f"only {kills} kills landed"
     proc = _start(out, resume=True)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr

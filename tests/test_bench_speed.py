@@ -1,0 +1,70 @@
+"""experiments/bench_speed.py on a tiny size: the plain-PyTorch reference is the project's objective.
+
+The benchmark's ratio only means something if both sides compute the same loss and
+gradients; ``Sides.check`` verifies that (in float64) before any timing.  No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_speed", REPO / "experiments" / "bench_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _module_local_params():
+    with pyro.settings.context(module_local_params=True):  # as in training.train and the benchmark
+        yield
+
+
+def tiny(network="fc", mc_samples=1, K=3):
+    return dict(network=network, hidden_dim=16, K=K, mc_samples=mc_samples, batch_size=8, x_dim=4, w_dim=3)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [tiny(), tiny(mc_samples=3), tiny(K=5, mc_samples=2), tiny(network="conv")],
+    ids=["M1", "M3", "K5M2", "conv"],
+)
+def test_reference_gives_the_project_loss_and_gradients(bench, case):
+    check = bench.Sides(case, torch.device("cpu")).check()
+    assert check["loss_rel_diff"] < 1e-10  # float64: equal up to summation order
+    assert check["grad_rel_diff"] < 1e-8
+    assert check["batch"] == case["batch_size"]
+
+
+def test_check_catches_a_reference_that_differs(bench, monkeypatch):
+    sides = bench.Sides(tiny(), torch.device("cpu"))
+    original = bench.reference_loss
+    monkeypatch.setattr(bench, "reference_loss", lambda *a: original(*a) * (1 + 1e-4))
+    with pytest.raises(AssertionError, match="differ"):
+        sides.check()
+
+
+def test_interleaved_timing_and_memory_report_every_side(bench):
+    case = tiny()
+    sides = bench.Sides(case, torch.device("cpu"))
+    steps = {"project": sides.project, "reference": sides.reference}
+    row = bench.time_interleaved(steps, torch.device("cpu"), case["batch_size"], 1, 3, 3, 0.0)
+    assert row["steps_per_side"] == 3
+    for name in steps:
+        assert row[name]["median_step_s"] > 0
+        assert row[name]["examples_per_s"] == pytest.approx(8 / row[name]["median_step_s"])
+    assert row["ratio"] == pytest.approx(row["project"]["median_step_s"] / row["reference"]["median_step_s"])
+    if Path("/proc/self/clear_refs").exists():
+        assert bench.step_peak_memory(sides.project, torch.device("cpu")) >= 0
+    for p in sides.loss_fn.parameters():  # the timed steps trained the shared modules
+        assert torch.isfinite(p).all()
