@@ -67,8 +67,9 @@ def load_spiral(num_train: int = 5000, num_test: int = 1000) -> Dataset:
     """Generated spiral set with arm labels; the test split comes from another seed."""
     x, labels = make_spiral(num_train, seed=0)
     x_test, labels_test = make_spiral(num_test, seed=1)
-    return Dataset("spiral", torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(x_test),
-                   torch.from_numpy(labels_test))
+    return Dataset(
+        "spiral", torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(x_test), torch.from_numpy(labels_test)
+    )
 
 
 def load_spiral_csv(root: str) -> Dataset:
@@ -118,8 +119,9 @@ def load_mnist(root: str, download: bool = False) -> Dataset:
         _require_file(Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte", "MNIST", downloadable=True)
     train = _torchvision_split(MNIST, "MNIST", root, train=True, download=download)
     test = _torchvision_split(MNIST, "MNIST", root, train=False, download=download)
-    return Dataset("mnist", _torchvision_images(train), train.targets.long(), _torchvision_images(test),
-                   test.targets.long())
+    return Dataset(
+        "mnist", _torchvision_images(train), train.targets.long(), _torchvision_images(test), test.targets.long()
+    )
 
 
 def _read_svhn_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,8 +183,10 @@ def load_npz(path: str) -> Dataset:
     if "x_test" in arrays:
         x_test = _as_float(arrays["x_test"], f"{file}:x_test")
         if x_test.shape[1:] != x.shape[1:]:
-            raise UserInputError(f"{file}: x_test has shape {tuple(x_test.shape)} but x has {tuple(x.shape)}; "
-                                 "they must agree after the first dimension")
+            raise UserInputError(
+                f"{file}: x_test has shape {tuple(x_test.shape)} but x has {tuple(x.shape)}; "
+                "they must agree after the first dimension"
+            )
         labels_test = _as_labels(arrays.get("labels_test"), len(x_test), f"{file}:labels_test")
     else:
         num_test = max(1, math.ceil(0.1 * len(x)))
@@ -240,6 +244,5 @@ def validate_dataset(data: Dataset, data_range: tuple[float, float] | None, batc
                 )
     if len(data.x) < batch_size:
         raise UserInputError(
-            f"{data.name}: {len(data.x)} training examples, fewer than the batch size {batch_size}; "
-            "lower --batch-size"
+            f"{data.name}: {len(data.x)} training examples, fewer than the batch size {batch_size}; lower --batch-size"
         )

@@ -126,12 +126,18 @@ def default_out(config: Config) -> Path:
     return Path("runs") / f"{name}-{config.guide}-K{config.K}-seed{config.seed}"
 
 
+def _killed_before_first_checkpoint(out: Path) -> bool:
+    # Such a run left config.json and an empty metrics.jsonl; resuming starts it at epoch 0.
+    metrics = out / "metrics.jsonl"
+    return (out / "config.json").is_file() and (not metrics.exists() or metrics.stat().st_size == 0)
+
+
 def check_out_folder(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to train into a folder that holds another run, unless told to."""
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} is a file, not a folder; pass a folder for the run")
     if resume:
-        if not (out / ckpt.CHECKPOINT_NAME).is_file():
+        if not (out / ckpt.CHECKPOINT_NAME).is_file() and not _killed_before_first_checkpoint(out):
             raise UserInputError(f"--resume given but {out} holds no checkpoint; drop --resume to start a new run")
         return
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
@@ -249,7 +255,7 @@ def train(
     check_out_folder(out, resume, overwrite)
     distributed.barrier(info)  # every rank has checked the folder before rank 0 writes to it
     state = None
-    if resume:
+    if resume and (out / ckpt.CHECKPOINT_NAME).is_file():
         state = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME, required=RESUME_KEYS)
         check_compatible(state["config"], config)
         if config.epochs < state["epoch"]:
@@ -353,8 +359,10 @@ def train(
         elapsed += train_seconds
         row.update(seconds=train_seconds, elapsed=elapsed)
         history.append(row)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"acc": f"{row['acc_hungarian']:.3f}"}
-                                                          if "acc_hungarian" in row else {}))
+        bar.set_postfix(
+            loss=f"{row['train_loss']:.3f}",
+            **({"acc": f"{row['acc_hungarian']:.3f}"} if "acc_hungarian" in row else {}),
+        )
         ckpt.save_checkpoint(
             out / ckpt.CHECKPOINT_NAME,
             {
@@ -405,4 +413,3 @@ def check_compatible(saved: dict, config: Config) -> None:
         raise UserInputError(
             "cannot resume: " + "; ".join(diffs) + "; drop these flags to resume, or start a new run in another --out"
         )
-

@@ -263,3 +263,17 @@ def test_ctrl_c_prints_one_line_and_keeps_a_checkpoint(tmp_path):
     assert stderr.splitlines() == ["error: interrupted; the last complete checkpoint is kept, continue with --resume"]
     state = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME, required=RESUME_KEYS)
     assert state["epoch"] >= 1
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path):
+    """A kill during epoch 1 leaves config.json and an empty metrics.jsonl: --resume trains it from epoch 1."""
+    from pyro_gmvae import Config, train
+
+    out = tmp_path / "run"
+    cfg = dict(epochs=2, train_subset=400, test_subset=100, progress=False, out=str(out))
+    train(Config(**cfg), make_figures=False)
+    (out / "checkpoint.pt").unlink()
+    (out / "metrics.jsonl").write_text("")
+    result = train(Config(**cfg), resume=True, make_figures=False)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
