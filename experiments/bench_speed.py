@@ -446,7 +446,11 @@ def option_compile(case: dict, args) -> dict:
 
 # --- a whole epoch ------------------------------------------------------------------------
 def epoch_throughput(
-    device: str, batch_size: int = 256, train_subset: int | None = None, data_root: str | None = None
+    device: str,
+    batch_size: int = 256,
+    hidden_dim: int = 500,
+    train_subset: int | None = None,
+    data_root: str | None = None,
 ) -> dict:
     """Examples per second of one MNIST fc training epoch through ``training.train``, and its peak memory."""
     from pyro_gmvae.training import train
@@ -456,6 +460,7 @@ def epoch_throughput(
             data="mnist",
             data_root=data_root,
             network="fc",
+            hidden_dim=hidden_dim,  # as the acceptance rows (the mnist fc preset is 1000)
             K=10,
             batch_size=batch_size,
             epochs=1,

@@ -52,37 +52,47 @@ def scaling_notes(r: dict) -> list[str]:
     step = lambda row: row["project"]["median_step_s"]  # noqa: E731
     mem = lambda row: row["project"].get("peak_memory_mib") or float("nan")  # noqa: E731
     per_example = lambda row: row["project"]["median_step_s"] / row["case"]["batch_size"]  # noqa: E731
+    small = [row["ratio"] for row in fc if row["case"]["batch_size"] == 50 and row["case"]["mc_samples"] == 1]
+    rest = [row["ratio"] for row in fc if not (row["case"]["batch_size"] == 50 and row["case"]["mc_samples"] == 1)]
     lines = [
-        "### Scaling notes (measured, project side; factors are over grid pairs that differ in one size only)\n",
-        f"- **Batch B.** Step time {_span(_factors(fc, 'batch_size', 50, 256, step))} from B=50 to 256 (5.1x the "
-        f"examples) and {_span(_factors(fc, 'batch_size', 256, 1024, step))} from 256 to 1024 (4x). Time per example "
-        f"changes by {_span(_factors(fc, 'batch_size', 50, 1024, per_example))} from 50 to 1024: the fixed per-step "
-        f"cost (Python, Pyro bookkeeping) is amortised, so larger batches give more examples/s on this CPU. "
-        f"Step memory grows {_span(_factors(fc, 'batch_size', 256, 1024, mem))} from 256 to 1024, i.e. linearly "
-        f"(activations are B x H and B x K x Dx).",
-        f"- **Particles M.** M=1 to 10 multiplies step time by {_span(_factors(fc, 'mc_samples', 1, 10, step))} and "
+        "### Scaling notes (measured, project side)\n",
+        "Factors are over the grid pairs that differ in one size only. The cases ran minutes apart under a load "
+        "that varied, so the ranges are wide; the medians are the summary.\n",
+        f"- **Batch B.** Step time changes by {_span(_factors(fc, 'batch_size', 50, 256, step))} from B=50 to 256 "
+        f"(5.1x the examples) and by {_span(_factors(fc, 'batch_size', 256, 1024, step))} from 256 to 1024 (4x). "
+        f"Time per example changes by {_span(_factors(fc, 'batch_size', 50, 1024, per_example))} from 50 to 1024: "
+        f"the fixed per-step cost (Python, Pyro bookkeeping, kernel launches) is spread over more examples. "
+        f"Step memory changes by {_span(_factors(fc, 'batch_size', 256, 1024, mem))} from 256 to 1024 (x4 would be "
+        f"exactly linear; activations are B x H and M x B x K x Dx).",
+        f"- **Particles M.** M=1 to 10 changes step time by {_span(_factors(fc, 'mc_samples', 1, 10, step))} and "
         f"step memory by {_span(_factors(fc, 'mc_samples', 1, 10, mem))}: the decoder, the prior network and the "
-        f"(M, B, K, Dx) component table all run per particle; only the encoder is shared.",
-        f"- **Clusters K.** K=10 to 30 multiplies step time by {_span(_factors(fc, 'K', 10, 30, step))} and step "
+        f"(M, B, K, Dx) component table run per particle; the encoder runs once.",
+        f"- **Clusters K.** K=10 to 30 changes step time by {_span(_factors(fc, 'K', 10, 30, step))} and step "
         f"memory by {_span(_factors(fc, 'K', 10, 30, mem))}: z is summed out exactly, so the prior network's output "
-        f"layer (H x 2 K Dx) and the (M, B, K, Dx) density table grow linearly in K while the encoder and decoder "
-        f"do not.",
-        f"- **Width H.** H=500 to 1000 multiplies step time by {_span(_factors(fc, 'hidden_dim', 500, 1000, step))} "
-        f"(H x H layers grow 4x, the input/output layers 2x).",
+        f"layer (H x 2 K Dx) and the (M, B, K, Dx) density table grow linearly in K; the encoder and decoder do not.",
+        f"- **Width H.** H=500 to 1000 changes step time by {_span(_factors(fc, 'hidden_dim', 500, 1000, step))} "
+        f"and step memory by {_span(_factors(fc, 'hidden_dim', 500, 1000, mem))} (H x H layers grow 4x, the "
+        f"input and output layers 2x).",
+        f"- **Project / reference.** fc, B=50, M=1: {min(small):.3f}-{max(small):.3f}; every other fc case: "
+        f"{min(rest):.3f}-{max(rest):.3f} (median {statistics.median(rest):.3f}, {len(rest)} cases).",
     ]
-    epochs = r.get("epochs") or []
+    epochs = [e for e in r.get("epochs") or [] if "error" not in e]
     if len(epochs) >= 2:
         full, part = epochs[0], epochs[1]
         n_full = full["steps"] * full["batch_size"]
         n_part = part["steps"] * part["batch_size"]
+        tensor_mib = (n_full - n_part) * 784 * 4 / 2**20
         lines.append(
-            f"- **Data size N.** An epoch is N / B steps of the same cost, so epoch time is linear in N: "
-            f"{n_part} images took {part['train_seconds']:.1f} s ({part['examples_per_s']:.0f} examples/s), "
-            f"{n_full} took {full['train_seconds']:.1f} s ({full['examples_per_s']:.0f} examples/s; "
-            f"x{full['train_seconds'] / part['train_seconds']:.2f} for x{n_full / n_part:.1f} the data). "
-            f"The training set is one tensor in memory (60000 x 784 float32 = 179 MiB): peak RSS above the start "
-            f"was {part['peak_rss_delta_mib']:.0f} MiB for {n_part} images and {full['peak_rss_delta_mib']:.0f} MiB "
-            f"for {n_full} (whole run: loading, training, evaluation, checkpoint)."
+            f"- **Data size N.** An epoch is N / B steps whose work does not depend on N. {n_part} images took "
+            f"{part['train_seconds']:.1f} s ({part['examples_per_s']:.0f} examples/s) and {n_full} took "
+            f"{full['train_seconds']:.1f} s ({full['examples_per_s']:.0f} examples/s): "
+            f"x{full['train_seconds'] / part['train_seconds']:.2f} for x{n_full / n_part:.1f} the data. The two "
+            f"epochs ran at different moments on the shared cores, and their rates differ by "
+            f"x{full['examples_per_s'] / part['examples_per_s']:.2f}. The training set is one float32 tensor on the "
+            f"device. The whole run's peak RSS above its start (loading, training, evaluation, checkpoint) was "
+            f"{part['peak_rss_delta_mib']:.0f} MiB with {n_part} images and {full['peak_rss_delta_mib']:.0f} MiB with "
+            f"{n_full}, which is {full['peak_rss_delta_mib'] - part['peak_rss_delta_mib']:.0f} MiB more. The extra "
+            f"images take {tensor_mib:.0f} MiB as float32 (784 pixels each)."
         )
     return lines
 
@@ -99,7 +109,7 @@ def render(r: dict) -> str:
         f"(other jobs shared the 2 cores), so absolute times are noisy; the ratios come from interleaved steps. "
         f"The whole benchmark took {r['seconds'] / 60:.1f} min: `{r['command']}`.\n"
     )
-    a("#### Acceptance rows (mnist fc, H=500, K=10, M=1)\n")
+    a("### Acceptance rows (mnist fc, H=500, K=10, M=1)\n")
     a("| batch | project ms/step | reference ms/step | project / reference | pairwise median | limit | steps per side "
       "| step peak memory MiB, project / reference | fresh-process peak MiB, project / reference |")  # fmt: skip
     a("|---|---|---|---|---|---|---|---|---|")
@@ -114,7 +124,7 @@ def render(r: dict) -> str:
             f"| {_mem(row, 'project')} / {_mem(row, 'reference')} | {fresh_s} |"
         )
     a("")
-    a("#### Options (each against the default project step, interleaved)\n")
+    a("### Options (each against the default project step, interleaved)\n")
     a("| option | case | result |")
     a("|---|---|---|")
     for o in r["options"]:
@@ -134,17 +144,30 @@ def render(r: dict) -> str:
         a(f"| {o['option']} | {o['name']} | {text} |")
     a("")
     if r.get("epochs"):
-        a("#### MNIST fc epochs through `training.train` (H=500, K=10, M=1, batch 256, one epoch each)\n")
-        a("| device | training images | steps | train seconds | examples/s | peak RSS above start, MiB |")
-        a("|---|---|---|---|---|---|")
+        a(
+            "### MNIST fc epochs through `training.train`\n\n"
+            "One epoch each; train seconds exclude loading and evaluation.\n"
+        )
+        a(
+            "| device | H | K | M | batch | examples trained | steps | train seconds | examples/s "
+            "| peak RSS above start, MiB |"
+        )
+        a("|---|---|---|---|---|---|---|---|---|---|")
         for e in r["epochs"]:
+            if "error" in e:
+                a(
+                    f"| {r['device_name']} | - | - | - | - | {e['train_subset'] or 60000} | - | - "
+                    f"| fails: `{e['error'][:120]}` | - |"
+                )
+                continue
             n = e["steps"] * e["batch_size"]
             a(
-                f"| {r['device_name']} | {n} | {e['steps']} | {e['train_seconds']:.1f} | **{e['examples_per_s']:.0f}** "
+                f"| {r['device_name']} | {e['hidden_dim']} | {e['K']} | {e['mc_samples']} | {e['batch_size']} | {n} "
+                f"| {e['steps']} | {e['train_seconds']:.1f} | **{e['examples_per_s']:.0f}** "
                 f"| {e['peak_rss_delta_mib']:.0f} |"
             )
         a("")
-    a("#### Grid (median step times, interleaved; memory = peak above resident over 2 steps)\n")
+    a("### Grid (median step times, interleaved; memory = peak above resident over 2 steps)\n")
     a("| network | H | K | M | batch | project ms | reference ms | ratio | steps per side | examples/s (project) "
       "| step memory MiB project / reference | parameters MiB |")  # fmt: skip
     a("|---|---|---|---|---|---|---|---|---|---|---|---|")
