@@ -5,7 +5,6 @@ from __future__ import annotations
 import pyro
 import torch
 from pyro.nn import PyroModule
-from pyro.ops.indexing import Vindex
 
 from pyro_gmvae.likelihoods import Likelihood
 from pyro_gmvae.objective import (
@@ -77,12 +76,13 @@ class GMVAE(PyroModule):
         """p(z) = Categorical(pi), batch shape (B,)."""
         return self.prior.p_z(batch_size)
 
-    def p_x(self, w: torch.Tensor, z: torch.Tensor):
-        """p(x | z, w): the z-th component at w; z broadcasts against w's batch shape."""
-        loc, scale = self.prior.components(w)  # (..., K, Dx)
-        loc = Vindex(loc)[..., z, :]
-        scale = Vindex(scale)[..., z, :]
-        return pyro.distributions.Normal(loc, scale).to_event(1)
+    def p_x(self, w: torch.Tensor, z: torch.Tensor) -> ComponentNormal:
+        """p(x | z, w): the z-th component at w; z broadcasts against w's batch shape.
+
+        A :class:`~pyro_gmvae.objective.ComponentNormal`: it scores all K components once
+        and hands that (..., K) table to the regulariser too (no second pass).
+        """
+        return ComponentNormal(*self.prior.components(w), z)  # (..., K, Dx) each
 
     def p_y(self, x: torch.Tensor):
         """p(y | x), event shape ``data_shape``."""
@@ -115,9 +115,7 @@ class GMVAE(PyroModule):
         with pyro.plate("data", batch_size):
             w = pyro.sample("w", self.p_w(batch_size))
             z = pyro.sample("z", self.p_z(batch_size), infer={"enumerate": "parallel"})
-            # p_x(w, z), with the prior network run once and all K densities scored once
-            # for both the x site and the regulariser (issue 4: no Pyro tax).
-            p_x = ComponentNormal(*self.prior.components(w), z)
+            p_x = self.p_x(w, z)
             x = pyro.sample("x", p_x)
             pyro.sample("y", self.p_y(x), obs=y)
             if reg.cv_weight > 0 or (self.cluster_posterior == "exact" and reg.touches_z_prior):

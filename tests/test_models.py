@@ -193,8 +193,10 @@ def test_p_x_broadcasts_over_enumerated_clusters():
     assert p_x.batch_shape == (K, 5, 6)
     assert p_x.event_shape == (X_DIM,)
     loc, scale = model.prior.components(w)
-    torch.testing.assert_close(p_x.base_dist.loc[1, 2, 3], loc[2, 3, 1])
-    torch.testing.assert_close(p_x.base_dist.scale[2, 0, 4], scale[0, 4, 2])
+    x = torch.randn(5, 6, X_DIM)
+    # component k of example (m, b) is Normal(loc[m, b, k], scale[m, b, k])
+    expected = torch.distributions.Normal(loc.permute(2, 0, 1, 3), scale.permute(2, 0, 1, 3)).log_prob(x).sum(-1)
+    torch.testing.assert_close(p_x.log_prob(x), expected)
     # a plain z per example picks one component each
     z_each = torch.tensor([0, 1, 2, 0, 1, 2])
     assert model.p_x(w, z_each).batch_shape == (5, 6)
