@@ -23,9 +23,7 @@ CHOICES = {
 
 
 def regularization(config: Config) -> Regularization:
-    return Regularization(
-        z_prior_weight=config.z_prior_weight, cv_weight=config.cv_weight, free_bits=config.free_bits
-    )
+    return Regularization(z_prior_weight=config.z_prior_weight, cv_weight=config.cv_weight, free_bits=config.free_bits)
 
 
 def build_model_and_guide(config: Config, data_shape: tuple[int, ...]):
