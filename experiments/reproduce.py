@@ -160,11 +160,14 @@ def run_cell(setting: dict, seed: int, epochs: int, out: Path, args) -> dict:
             args.cache = load_dataset("mnist", args.data_root)
         train(config, resume=resume, overwrite=not resume, data=dataclasses.replace(args.cache))
         print(f"  {out.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        (out / "machine.json").write_text(json.dumps(machine(args.device)))
     final = json.loads(done.read_text())
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     final["marginal_entropy"] = history[-1].get("marginal_entropy")
     final["acc_hungarian_per_epoch"] = [round(row["acc_hungarian"], 4) for row in history]
     final["seed"] = seed
+    # The machine that trained this cell (absent for cells trained before it was recorded).
+    final["machine"] = json.loads((out / "machine.json").read_text()) if (out / "machine.json").is_file() else None
     return final
 
 
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_subset": args.train_subset,
             "test_subset": args.test_subset,
             "paper_key": paper_key(setting),
-            "machine": machine(args.device),
+            "machine": next((r["machine"] for r in ok if r.get("machine")), machine(args.device)),
             "per_seed": per_seed_all,
             "summary": summarise(ok) if ok else {},
         }

@@ -284,6 +284,8 @@ def train(
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # a --lr given on resume takes effect
+            group["lr"] = config.lr
         _set_rng_state(state["rng"], shuffle)
         history = list(state["history"])
         start_epoch = state["epoch"]
