@@ -58,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     add("--epochs", type=int, help="total epochs; with --resume, train up to this many (default: data preset)")
     add("--batch-size", type=int, help="minibatch size (default: data preset)")
     add("--lr", type=float, help="Adam learning rate (default: data preset)")
+    add("--lr-final", type=float, help="decay the learning rate to this by the last epoch (cosine); default: constant")
     add("--mc-samples", type=int, help=f"M, Monte Carlo samples of (x, w) (default {defaults.mc_samples})")
     add("--z-prior-weight", type=float, help=f"eta, weight of the z-prior KL (default {defaults.z_prior_weight})")
     add("--cv-weight", type=float, help="alpha, consistency-violation weight (default: data preset)")

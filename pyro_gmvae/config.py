@@ -84,7 +84,8 @@ class Config:
     hidden_dim: int | None = None  # H
     epochs: int | None = None  # total epochs (a resumed run trains up to this many)
     batch_size: int | None = None
-    lr: float | None = None  # Adam learning rate
+    lr: float | None = None  # Adam learning rate (of the first epoch, with --lr-final)
+    lr_final: float | None = None  # cosine decay from lr to this by the last epoch; None = constant
     mc_samples: int = 1  # M, particles of (x, w) per example
     z_prior_weight: float = 1.0  # eta
     cv_weight: float | None = None  # alpha

@@ -84,8 +84,10 @@ def validate_config(config: Config) -> None:
         if not isinstance(value, int) or value < 1:
             flag = "--" + key.replace("_", "-")
             raise UserInputError(f"{flag} must be a positive integer, got {value}")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise UserInputError(f"--lr must be a positive number, got {config.lr}")
+    for key in ("lr", "lr_final"):
+        value = getattr(config, key)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UserInputError(f"--{key.replace('_', '-')} must be a positive number, got {value}")
     for key in ("z_prior_weight", "cv_weight", "free_bits"):
         value = getattr(config, key)
         if not (value >= 0 and math.isfinite(value)):
@@ -185,6 +187,17 @@ def evaluate(model, guide, data: Dataset, num_particles: int = 1) -> dict:
 
 
 # --- the run --------------------------------------------------------------------------
+def epoch_lr(config: Config, epoch: int) -> float:
+    """Learning rate of ``epoch`` (1-based): constant, or cosine from lr to lr_final.
+
+    A function of the epoch alone, so a resumed run follows the same schedule.
+    """
+    if config.lr_final is None:
+        return config.lr
+    progress = (epoch - 1) / max(1, config.epochs - 1)
+    return config.lr_final + 0.5 * (config.lr - config.lr_final) * (1 + math.cos(math.pi * progress))
+
+
 def _versions() -> dict:
     import platform
 
@@ -284,8 +297,6 @@ def train(
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
         optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # a --lr given on resume takes effect
-            group["lr"] = config.lr
         _set_rng_state(state["rng"], shuffle)
         history = list(state["history"])
         start_epoch = state["epoch"]
@@ -319,6 +330,8 @@ def train(
     )
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
+        for group in optimizer.param_groups:  # set every epoch, so a --lr given on resume takes effect
+            group["lr"] = epoch_lr(config, epoch)
         model.train()
         guide.train()
         perm = torch.randperm(num_train, generator=shuffle).to(device)
@@ -354,7 +367,8 @@ def train(
             total += loss.detach()
             bar.update(1)
         train_seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": float(distributed.all_reduce_mean(total, info)) / steps_per_epoch}
+        train_loss = float(distributed.all_reduce_mean(total, info)) / steps_per_epoch
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
         if not info.is_main:  # rank 0 evaluates and writes the run folder
             continue
         row.update({f"test_{k}" if k in ("elbo", "loss") else k: v for k, v in evaluate(model, guide, data).items()})
