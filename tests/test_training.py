@@ -91,3 +91,15 @@ def test_run_folder_holds_everything(spiral_run):
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["epoch"] == SHORT_EPOCHS
     assert state["config"]["K"] == resolved.K
+
+
+def test_learning_rate_schedule_is_constant_or_cosine():
+    from pyro_gmvae.training import epoch_lr
+
+    constant = Config(lr=1e-3, epochs=10)
+    assert [epoch_lr(constant, e) for e in (1, 5, 10)] == [1e-3, 1e-3, 1e-3]
+    cosine = Config(lr=1e-3, lr_final=1e-4, epochs=11)
+    lrs = [epoch_lr(cosine, e) for e in range(1, 12)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+    assert lrs[5] == pytest.approx(0.5 * (1e-3 + 1e-4))  # half way
+    assert all(a > b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
