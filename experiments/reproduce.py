@@ -7,7 +7,7 @@
     python experiments/reproduce.py --grid paper --device cuda   # K 10/16/30 x M 1/10 x v1/v2
 
 Every (setting, seed) cell trains into its own run folder
-``experiments/results/runs/<grid>/<setting>-s<seed>`` through ``pyro_gmvae.train``; a cell
+``experiments/results/runs/<grid>/<setting>-e<epochs>-s<seed>`` through ``pyro_gmvae.train``; a cell
 whose ``metrics.json`` exists is read, not retrained, and one with only a checkpoint is
 resumed, so an interrupted benchmark continues where it stopped.  Results are merged into
 ``experiments/results/mnist.json`` (per setting: every seed's final test metrics and

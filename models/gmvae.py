@@ -93,6 +93,12 @@ class GMVAE(PyroModule):
         loc, scale = self.prior.components(w)
         return cluster_log_posterior(self.prior.cluster_log_weights(), loc, scale, x)
 
+    @property
+    def has_regularizer(self) -> bool:
+        """Whether the model issues the ``"regularizer"`` factor at all (eta, alpha, lambda)."""
+        reg = self.regularization
+        return reg.cv_weight > 0 or (self.cluster_posterior == "exact" and reg.touches_z_prior)
+
     def regularizer(self, x: torch.Tensor, w: torch.Tensor, log_components: torch.Tensor | None = None) -> torch.Tensor:
         """Value of the ``"regularizer"`` factor at (x, w), shape x.shape[:-1].
 
@@ -111,12 +117,11 @@ class GMVAE(PyroModule):
     # --- the model ------------------------------------------------------------------
     def forward(self, y: torch.Tensor) -> None:
         batch_size = y.shape[0]
-        reg = self.regularization
         with pyro.plate("data", batch_size):
             w = pyro.sample("w", self.p_w(batch_size))
             z = pyro.sample("z", self.p_z(batch_size), infer={"enumerate": "parallel"})
             p_x = self.p_x(w, z)
             x = pyro.sample("x", p_x)
             pyro.sample("y", self.p_y(x), obs=y)
-            if reg.cv_weight > 0 or (self.cluster_posterior == "exact" and reg.touches_z_prior):
+            if self.has_regularizer:
                 pyro.factor("regularizer", self.regularizer(x, w, p_x.log_components(x)))

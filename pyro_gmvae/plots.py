@@ -157,8 +157,9 @@ def make_run_figures(out: Path, model, guide, data, history: list[dict]) -> list
     elif data.data_shape == (2,):
         written.append(folder / "samples.png")
         plot_samples_2d(model, written[-1])
-        written.append(folder / "latent.png")
-        plot_latent_2d(model, guide, data.x_test, written[-1])
+        if model.prior.x_dim >= 2:  # the latent plot shows the first two dimensions of x
+            written.append(folder / "latent.png")
+            plot_latent_2d(model, guide, data.x_test, written[-1])
         written.append(folder / "reconstruction.png")
         plot_reconstruction_2d(model, guide, data.x_test, written[-1])
     return written

@@ -31,8 +31,13 @@ def evaluating(*modules):
             m.train(mode)
 
 
+def _parameter(module) -> torch.Tensor:
+    # Constants follow the model's device and dtype (float32, or float64 after .double()).
+    return next(module.parameters())
+
+
 def _device_of(module) -> torch.device:
-    return next(module.parameters()).device
+    return _parameter(module).device
 
 
 def _batches(y: torch.Tensor, batch_size: int, device):
@@ -113,7 +118,7 @@ def components(model, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torc
     device = _device_of(model)
     with evaluating(model):
         if w is None:
-            w = torch.zeros(model.prior.w_dim, device=device)
+            w = _parameter(model).new_zeros(model.prior.w_dim)
         loc, scale = model.prior.components(w.to(device))
     return loc.cpu(), scale.cpu()
 
@@ -134,16 +139,16 @@ def sample(
     """
     if not 0 <= cluster < model.prior.num_clusters:
         raise ValueError(f"cluster must be in 0..{model.prior.num_clusters - 1}, got {cluster}")
-    device = _device_of(model)
+    device, dtype = _device_of(model), _parameter(model).dtype
     with evaluating(model):
         if isinstance(w, str) and w == "prior":
-            w = torch.randn(num_samples, model.prior.w_dim, device=device, generator=generator)
+            w = torch.randn(num_samples, model.prior.w_dim, device=device, dtype=dtype, generator=generator)
         elif w is None:
-            w = torch.zeros(num_samples, model.prior.w_dim, device=device)
+            w = _parameter(model).new_zeros(num_samples, model.prior.w_dim)
         else:
             w = w.to(device).expand(num_samples, model.prior.w_dim)
         loc, scale = model.prior.components(w)  # (S, K, Dx)
-        noise = torch.randn(loc[:, cluster].shape, device=device, generator=generator)
+        noise = torch.randn(loc[:, cluster].shape, device=device, dtype=dtype, generator=generator)
         x = loc[:, cluster] + scale[:, cluster] * noise
         p_y = model.p_y(x)
         y = model.likelihood.mean(model.decoder(x), len(model.data_shape)) if mean else p_y.sample()

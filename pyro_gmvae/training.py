@@ -145,8 +145,16 @@ def check_out_folder(out: Path, resume: bool, overwrite: bool) -> None:
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise UserInputError(f"cannot write the run folder {out}: {existing} is not writable; pass another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserInputError(f"{out} already holds files; pass --resume to continue it or --overwrite to replace it")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserInputError(
+                f"{out} already holds files; pass --resume to continue it or --overwrite to replace it"
+            )
+        if not ((out / "config.json").is_file() or (out / ckpt.CHECKPOINT_NAME).is_file()):
+            # --overwrite deletes the folder: only ever one that a run wrote.
+            raise UserInputError(
+                f"--overwrite refused: {out} holds files but no run (no config.json); pass another --out"
+            )
 
 
 # --- RNG state ------------------------------------------------------------------------
@@ -190,7 +198,8 @@ def evaluate(model, guide, data: Dataset, num_particles: int = 1) -> dict:
 def epoch_lr(config: Config, epoch: int) -> float:
     """Learning rate of ``epoch`` (1-based): constant, or cosine from lr to lr_final.
 
-    A function of the epoch alone, so a resumed run follows the same schedule.
+    A function of the epoch and ``--epochs`` alone, so a run resumed with the same ``--epochs``
+    follows the same schedule; resuming with a larger ``--epochs`` stretches the rest of it.
     """
     if config.lr_final is None:
         return config.lr
@@ -319,7 +328,6 @@ def train(
     num_train = len(x_train)
     batch_size = config.batch_size
     steps_per_epoch = num_train // batch_size  # drop the ragged last batch: BatchNorm needs > 1
-    check_every = 1 if device.type == "cpu" else 50  # a check syncs the host; free on CPU
     elapsed = history[-1]["elapsed"] if history else 0.0
     bar = tqdm(
         total=(config.epochs - start_epoch) * steps_per_epoch,
@@ -353,16 +361,17 @@ def train(
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in loss_fn.parameters() if p.grad is not None])
             finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
             bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
-            if (step + 1) % check_every == 0 or step + 1 == steps_per_epoch or not loss.requires_grad:
-                if int(bad_step) >= 0:
-                    bar.close()
-                    first = int(bad_step)
-                    y_bad = x_train[distributed.shard(perm, first, batch_size, info)]
-                    raise NonFiniteLossError(
-                        f"non-finite loss or gradient at epoch {epoch}, step {first + 1}: "
-                        f"{_nonfinite_report(model, guide, y_bad)}; the last good checkpoint "
-                        f"(epoch {start_epoch if not history else history[-1]['epoch']}) in {out} is intact"
-                    )
+            # Checked before every optimiser step, so a non-finite gradient never reaches the
+            # weights.  One host sync per step; TraceEnum_ELBO's own NaN warning syncs anyway.
+            if int(bad_step) >= 0:
+                bar.close()
+                first = int(bad_step)
+                y_bad = x_train[distributed.shard(perm, first, batch_size, info)]
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at epoch {epoch}, step {first + 1}: "
+                    f"{_nonfinite_report(model, guide, y_bad)}; the last good checkpoint "
+                    f"(epoch {start_epoch if not history else history[-1]['epoch']}) in {out} is intact"
+                )
             optimizer.step()
             total += loss.detach()
             bar.update(1)

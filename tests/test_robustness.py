@@ -277,3 +277,15 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path
     result = train(Config(**cfg), resume=True, make_figures=False)
     assert [row["epoch"] for row in result.history] == [1, 2]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_overwrite_refuses_a_folder_that_holds_no_run(tmp_path):
+    """--overwrite deletes the run folder, so it must never delete a folder no run wrote."""
+    from pyro_gmvae import Config, train
+    from pyro_gmvae.errors import UserInputError
+
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    with pytest.raises(UserInputError, match="--overwrite refused"):
+        train(Config(epochs=1, train_subset=400, test_subset=100, progress=False, out=str(tmp_path)), overwrite=True)
+    assert precious.read_text() == "keep me"
