@@ -57,19 +57,24 @@ class ExactGuide(PyroModule):
         """Variational parameters for a batch: ``x_loc``, ``x_scale`` (B, Dx), ``w_*`` (B, Dw)."""
         return self.encoder(y)
 
+    @staticmethod
+    def posteriors(q: dict[str, torch.Tensor]) -> tuple[dist.TorchDistribution, dist.TorchDistribution]:
+        """q(w | y) and q(x | y) from the output of :meth:`encode`, batch shape (B,)."""
+        q_w = dist.Normal(q["w_loc"], q["w_scale"]).to_event(1)
+        q_x = dist.Normal(q["x_loc"], q["x_scale"]).to_event(1)
+        return q_w, q_x
+
     def q_w(self, y: torch.Tensor):
-        q = self.encode(y)
-        return dist.Normal(q["w_loc"], q["w_scale"]).to_event(1)
+        return self.posteriors(self.encode(y))[0]
 
     def q_x(self, y: torch.Tensor):
-        q = self.encode(y)
-        return dist.Normal(q["x_loc"], q["x_scale"]).to_event(1)
+        return self.posteriors(self.encode(y))[1]
 
     def forward(self, y: torch.Tensor) -> None:
-        q = self.encode(y)
+        q_w, q_x = self.posteriors(self.encode(y))
         with pyro.plate("data", y.shape[0]):
-            pyro.sample("w", dist.Normal(q["w_loc"], q["w_scale"]).to_event(1))
-            pyro.sample("x", dist.Normal(q["x_loc"], q["x_scale"]).to_event(1))
+            pyro.sample("w", q_w)
+            pyro.sample("x", q_x)
 
 
 class ClusterHeadGuide(ExactGuide):
@@ -102,11 +107,12 @@ class ClusterHeadGuide(ExactGuide):
 
     def forward(self, y: torch.Tensor) -> None:
         q = self.encode(y)
+        q_w, q_x = self.posteriors(q)
         reg = self.regularization
         with pyro.plate("data", y.shape[0]):
-            pyro.sample("w", dist.Normal(q["w_loc"], q["w_scale"]).to_event(1))
+            pyro.sample("w", q_w)
             pyro.sample("z", dist.Categorical(logits=q["z_logits"]), infer={"enumerate": "parallel"})
-            pyro.sample("x", dist.Normal(q["x_loc"], q["x_scale"]).to_event(1))
+            pyro.sample("x", q_x)
             if reg.touches_z_prior:
                 if self.cluster_log_weights is None:
                     raise ValueError("ClusterHeadGuide with eta != 1 or free bits needs cluster_log_weights")

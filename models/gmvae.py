@@ -13,6 +13,7 @@ from pyro_gmvae.objective import (
     cluster_log_posterior,
     entropy,
     kl_categorical,
+    posterior_from_densities,
     z_prior_adjustment,
 )
 from pyro_gmvae.priors import MixturePrior
@@ -108,7 +109,7 @@ class GMVAE(PyroModule):
         if log_components is None:
             log_r = self.cluster_log_posterior(x, w)
         else:
-            log_r = torch.log_softmax(self.prior.cluster_log_weights() + log_components, -1)
+            log_r = posterior_from_densities(self.prior.cluster_log_weights(), log_components)
         value = -reg.cv_weight * entropy(log_r)
         if self.cluster_posterior == "exact" and reg.touches_z_prior:
             value = value + z_prior_adjustment(kl_categorical(log_r, self.prior.cluster_log_weights()), reg)

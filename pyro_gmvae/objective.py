@@ -54,7 +54,12 @@ def log_component_densities(loc: torch.Tensor, scale: torch.Tensor, x: torch.Ten
 
 def cluster_log_posterior(log_weights: torch.Tensor, loc, scale, x) -> torch.Tensor:
     """log p(z=k | x, w) by Bayes' rule, shape (..., K)."""
-    return torch.log_softmax(log_weights + log_component_densities(loc, scale, x), -1)
+    return posterior_from_densities(log_weights, log_component_densities(loc, scale, x))
+
+
+def posterior_from_densities(log_weights: torch.Tensor, log_components: torch.Tensor) -> torch.Tensor:
+    """log p(z=k | x, w) from log pi (K,) and the table log N(x; mu_k(w), sigma_k(w)) (..., K)."""
+    return torch.log_softmax(log_weights + log_components, -1)
 
 
 class ComponentNormal(dist.TorchDistribution):
@@ -165,8 +170,7 @@ def elbo_terms(model, guide, y: torch.Tensor, num_particles: int = 1, closed_for
     """
     reg = model.regularization
     q = guide.encode(y)
-    q_w = dist.Normal(q["w_loc"], q["w_scale"]).to_event(1)
-    q_x = dist.Normal(q["x_loc"], q["x_scale"]).to_event(1)
+    q_w, q_x = guide.posteriors(q)
     sample_shape = torch.Size([num_particles])
     w = q_w.rsample(sample_shape)  # (M, B, Dw)
     x = q_x.rsample(sample_shape)  # (M, B, Dx)
@@ -174,7 +178,7 @@ def elbo_terms(model, guide, y: torch.Tensor, num_particles: int = 1, closed_for
     log_pi = model.prior.cluster_log_weights()  # (K,)
     loc, scale = model.prior.components(w)  # (M, B, K, Dx)
     log_components = log_component_densities(loc, scale, x)  # (M, B, K)
-    log_exact = torch.log_softmax(log_pi + log_components, -1)  # p(z | x, w)
+    log_exact = posterior_from_densities(log_pi, log_components)  # p(z | x, w)
     if guide.cluster_posterior == "exact":
         log_r = log_exact
     else:
