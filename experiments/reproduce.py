@@ -88,6 +88,8 @@ GRIDS = {
     "k10": dict(settings=[_variant(cv_weight=0.4)], seeds=5, epochs=4),
     # lr 1e-3 learns fast and plateaus; decay it to 1e-4 (cosine) over the budget.
     "k10sched": dict(settings=[_variant(cv_weight=0.4, lr_final=1e-4)], seeds=5, epochs=10),
+    # KL warm-up: the KL terms' weight rises 0.25, 0.5, 0.75, then 1 from epoch 4.
+    "k10warmup": dict(settings=[_variant(cv_weight=0.4, kl_warmup=3)], seeds=5, epochs=10),
     "k16": dict(settings=[_variant(K=16, cv_weight=0.4)], seeds=3, epochs=4),
     # One change at a time from BASE, plus the paper's own optimiser settings.
     "levers": dict(
@@ -121,6 +123,8 @@ def setting_name(s: dict, train_subset: int | None) -> str:
         f"K{s['K']}-M{s['mc_samples']}-{s['guide']}-{s['network']}H{s['hidden_dim']}-lr{s['lr']:g}"
         f"-b{s['batch_size']}-cv{s['cv_weight']:g}-eta{s['z_prior_weight']:g}-fb{s['free_bits']:g}"
     )
+    if s.get("kl_warmup"):
+        name += f"-warm{s['kl_warmup']}"
     if s.get("lr_final") is not None:
         name += f"-cos{s['lr_final']:g}"
     if s["x_dim"] != BASE["x_dim"] or s["w_dim"] != BASE["w_dim"]:

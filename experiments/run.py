@@ -59,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, help="minibatch size (default: data preset)")
     add("--lr", type=float, help="Adam learning rate (default: data preset)")
     add("--lr-final", type=float, help="decay the learning rate to this by the last epoch (cosine); default: constant")
+    add("--kl-warmup", type=int, help="epochs over which the KL terms' weight rises linearly to 1 (default 0: off)")
     add("--mc-samples", type=int, help=f"M, Monte Carlo samples of (x, w) (default {defaults.mc_samples})")
     add("--z-prior-weight", type=float, help=f"eta, weight of the z-prior KL (default {defaults.z_prior_weight})")
     add("--cv-weight", type=float, help="alpha, consistency-violation weight (default: data preset)")

@@ -67,6 +67,8 @@ class GMVAE(PyroModule):
         self.data_shape = tuple(data_shape)
         self.regularization = regularization
         self.cluster_posterior = cluster_posterior
+        # KL warm-up: training sets this to (1 - beta) / beta; see ``forward``.
+        self.recon_boost = 0.0
 
     # --- factors, each callable from a notebook -------------------------------------
     def p_w(self, batch_size: int):
@@ -123,6 +125,11 @@ class GMVAE(PyroModule):
             z = pyro.sample("z", self.p_z(batch_size), infer={"enumerate": "parallel"})
             p_x = self.p_x(w, z)
             x = pyro.sample("x", p_x)
-            pyro.sample("y", self.p_y(x), obs=y)
+            p_y = self.p_y(x)
+            pyro.sample("y", p_y, obs=y)
+            if self.recon_boost > 0:
+                # ELBO + c log p(y|x) with c = (1 - beta) / beta is (recon - beta * KL) / beta:
+                # the warm-up objective's gradient direction, with its loss scaled by 1 / beta.
+                pyro.factor("kl_warmup", self.recon_boost * p_y.log_prob(y))
             if self.has_regularizer:
                 pyro.factor("regularizer", self.regularizer(x, w, p_x.log_components(x)))

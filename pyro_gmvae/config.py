@@ -87,6 +87,7 @@ class Config:
     lr: float | None = None  # Adam learning rate (of the first epoch, with --lr-final)
     lr_final: float | None = None  # cosine decay from lr to this by the last epoch; None = constant
     mc_samples: int = 1  # M, particles of (x, w) per example
+    kl_warmup: int = 0  # epochs over which the KL terms' weight rises linearly to 1; 0 = off
     z_prior_weight: float = 1.0  # eta
     cv_weight: float | None = None  # alpha
     free_bits: float = 0.0  # lambda; 0 = off

@@ -79,6 +79,8 @@ def validate_config(config: Config) -> None:
     for key, valid in CHOICES.items():
         if getattr(config, key) not in valid:
             raise UserInputError(f"unknown --{key} {getattr(config, key)!r}; choose one of {', '.join(valid)}")
+    if not isinstance(config.kl_warmup, int) or config.kl_warmup < 0:
+        raise UserInputError(f"--kl-warmup must be an integer >= 0, got {config.kl_warmup}")
     for key in ("K", "x_dim", "w_dim", "hidden_dim", "epochs", "batch_size", "mc_samples"):
         value = getattr(config, key)
         if not isinstance(value, int) or value < 1:
@@ -205,6 +207,17 @@ def epoch_lr(config: Config, epoch: int) -> float:
         return config.lr
     progress = (epoch - 1) / max(1, config.epochs - 1)
     return config.lr_final + 0.5 * (config.lr - config.lr_final) * (1 + math.cos(math.pi * progress))
+
+
+def warmup_recon_boost(config: Config, epoch: int) -> float:
+    """KL warm-up: beta = epoch / (kl_warmup + 1) for the first ``kl_warmup`` epochs, then 1.
+
+    Returns the model's ``recon_boost`` c = (1 - beta) / beta (0 once beta reaches 1).
+    """
+    if epoch > config.kl_warmup:
+        return 0.0
+    beta = epoch / (config.kl_warmup + 1)
+    return (1 - beta) / beta
 
 
 def _versions() -> dict:
@@ -340,6 +353,7 @@ def train(
         t0 = time.perf_counter()
         for group in optimizer.param_groups:  # set every epoch, so a --lr given on resume takes effect
             group["lr"] = epoch_lr(config, epoch)
+        model.recon_boost = warmup_recon_boost(config, epoch)
         model.train()
         guide.train()
         perm = torch.randperm(num_train, generator=shuffle).to(device)
@@ -377,7 +391,8 @@ def train(
             bar.update(1)
         train_seconds = time.perf_counter() - t0
         train_loss = float(distributed.all_reduce_mean(total, info)) / steps_per_epoch
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "kl_weight": 1 / (1 + model.recon_boost)}
+        row["train_loss"] = train_loss
         if not info.is_main:  # rank 0 evaluates and writes the run folder
             continue
         row.update({f"test_{k}" if k in ("elbo", "loss") else k: v for k, v in evaluate(model, guide, data).items()})
