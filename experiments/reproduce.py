@@ -65,6 +65,7 @@ BASE = dict(
     cv_weight=0.0,
     z_prior_weight=1.0,
     free_bits=0.0,
+    kl_warmup=0,
 )
 
 

@@ -25,18 +25,23 @@ DATA_PRESETS = {
         cv_weight=2.0,
         epochs=60,
         lr=3e-3,  # 1e-2 collapsed seed 1 to 2 clusters; 3e-3 separates the arms for seeds 0-2
+        kl_warmup=0,
     ),
+    # The best setting measured on MNIST (experiments/results/mnist.json, grid k10warmup:
+    # 59.1 +- 4.9 % Hungarian test accuracy over 5 seeds in 10 epochs on 2 CPU cores).  The
+    # original's run.sh setting is conv, K 14, lr 1e-4, batch 50, 100 epochs; not measured here.
     "mnist": dict(
-        network="conv",
+        network="fc",
         likelihood="bernoulli",
         x_dim=200,
         w_dim=150,
-        K=14,
+        K=10,
         hidden_dim=500,
-        batch_size=50,
+        batch_size=256,
         cv_weight=0.4,
-        epochs=100,
-        lr=1e-4,
+        epochs=10,
+        lr=1e-3,
+        kl_warmup=3,
     ),
     "svhn": dict(
         network="conv",
@@ -49,6 +54,7 @@ DATA_PRESETS = {
         cv_weight=0.0,
         epochs=100,
         lr=1e-4,
+        kl_warmup=0,
     ),
     # A user's .npz file: small fully connected defaults; every one can be overridden.
     "npz": dict(
@@ -62,10 +68,9 @@ DATA_PRESETS = {
         cv_weight=0.0,
         epochs=50,
         lr=1e-3,
+        kl_warmup=0,
     ),
 }
-# The fc MNIST network is wider than the conv one (DESIGN.md section 6).
-FC_HIDDEN = {"mnist": 1000}
 
 
 @dataclass
@@ -87,7 +92,7 @@ class Config:
     lr: float | None = None  # Adam learning rate (of the first epoch, with --lr-final)
     lr_final: float | None = None  # cosine decay from lr to this by the last epoch; None = constant
     mc_samples: int = 1  # M, particles of (x, w) per example
-    kl_warmup: int = 0  # epochs over which the KL terms' weight rises linearly to 1; 0 = off
+    kl_warmup: int | None = None  # epochs over which the KL terms' weight rises linearly to 1; 0 = off
     z_prior_weight: float = 1.0  # eta
     cv_weight: float | None = None  # alpha
     free_bits: float = 0.0  # lambda; 0 = off
@@ -112,8 +117,6 @@ class Config:
         for key, default in preset.items():
             if values.get(key) is None:
                 values[key] = default
-        if self.hidden_dim is None and values["network"] == "fc" and self.preset_name() in FC_HIDDEN:
-            values["hidden_dim"] = FC_HIDDEN[self.preset_name()]
         return Config(**values)
 
     def to_dict(self) -> dict:
