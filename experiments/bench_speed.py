@@ -342,6 +342,14 @@ def option_jit(case: dict, device: torch.device) -> dict:
     return row
 
 
+def time_option(with_option, default, case: dict, device, args, warmup: int = 3) -> dict:
+    """Interleaved timing of an option's step against the default step, with the CLI's step limits."""
+    steps = {"with_option": with_option, "default": default}
+    return time_interleaved(
+        steps, device, case["batch_size"], warmup, args.min_steps_options, args.max_steps, args.budget
+    )
+
+
 def option_validation(case: dict, device: torch.device, args) -> dict:
     """Pyro validation on (training.train's default) against off (the timed steps here), interleaved."""
     sides = Sides(case, device)
@@ -355,17 +363,7 @@ def option_validation(case: dict, device: torch.device, args) -> dict:
             sides.project()
 
     row = {"option": "validation_on", "name": case_name(case), "what": "pyro.enable_validation(True) vs False"}
-    row.update(
-        time_interleaved(
-            {"with_option": on, "default": off},
-            device,
-            case["batch_size"],
-            3,
-            args.min_steps_options,
-            args.max_steps,
-            args.budget,
-        )
-    )
+    row.update(time_option(on, off, case, device, args))
     return row
 
 
@@ -373,17 +371,7 @@ def option_channels_last(case: dict, device: torch.device, args) -> dict:
     """Conv networks and data in channels-last layout against the default layout (two copies, same init)."""
     last, default = Sides(case, device, "channels_last"), Sides(case, device)
     row = {"option": "channels_last", "name": case_name(case), "what": "model, guide and batch in channels_last"}
-    row.update(
-        time_interleaved(
-            {"with_option": last.project, "default": default.project},
-            device,
-            case["batch_size"],
-            2,
-            args.min_steps_options,
-            args.max_steps,
-            args.budget,
-        )
-    )
+    row.update(time_option(last.project, default.project, case, device, args, warmup=2))
     return row
 
 
@@ -402,17 +390,7 @@ def option_compile_child(case: dict, device: torch.device, args) -> dict:
     compiled.project()
     _sync(device)
     row["second_step_s"] = time.perf_counter() - t0  # recompiles on the second call (e.g. Adam) show here
-    row.update(
-        time_interleaved(
-            {"with_option": compiled.project, "default": default.project},
-            device,
-            case["batch_size"],
-            3,
-            args.min_steps_options,
-            args.max_steps,
-            args.budget,
-        )
-    )
+    row.update(time_option(compiled.project, default.project, case, device, args))
     return row
 
 
