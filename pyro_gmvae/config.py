@@ -93,6 +93,8 @@ class Config:
     lr_final: float | None = None  # cosine decay from lr to this by the last epoch; None = constant
     mc_samples: int = 1  # M, particles of (x, w) per example
     kl_warmup: int | None = None  # epochs over which the KL terms' weight rises linearly to 1; 0 = off
+    init: str = "random"  # random (PyTorch's) | vae-kmeans (pretrain a VAE, seat components on k-means)
+    pretrain_epochs: int = 3  # VAE pretraining epochs of --init vae-kmeans
     z_prior_weight: float = 1.0  # eta
     cv_weight: float | None = None  # alpha
     free_bits: float = 0.0  # lambda; 0 = off

@@ -29,6 +29,7 @@ from pyro_gmvae.build import CHOICES, build_model_and_guide
 from pyro_gmvae.config import Config
 from pyro_gmvae.data import DATASETS, Dataset, load_dataset, validate_dataset
 from pyro_gmvae.errors import NonFiniteLossError, UserInputError
+from pyro_gmvae.initialization import INITS, pretrain_vae, seat_components
 from pyro_gmvae.likelihoods import LIKELIHOODS
 from pyro_gmvae.metrics import clustering_metrics
 from pyro_gmvae.networks import CONV_LAYOUTS
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 ARCHITECTURE_KEYS = ("data", "network", "likelihood", "prior", "guide", "K", "x_dim", "w_dim", "hidden_dim")
 # What a checkpoint must hold to resume a run.
 RESUME_KEYS = ("config", "data_shape", "model", "guide", "optimizer", "rng", "epoch", "history")
+INIT_NAME = "init.json"  # what --init did before the first epoch
 FINAL_KEYS = ("acc_paper", "acc_hungarian", "purity", "nmi", "ari", "elbo", "clusters_used", "epochs", "seconds")
 
 
@@ -81,6 +83,10 @@ def validate_config(config: Config) -> None:
             raise UserInputError(f"unknown --{key} {getattr(config, key)!r}; choose one of {', '.join(valid)}")
     if not isinstance(config.kl_warmup, int) or config.kl_warmup < 0:
         raise UserInputError(f"--kl-warmup must be an integer >= 0, got {config.kl_warmup}")
+    if config.init not in INITS:
+        raise UserInputError(f"unknown --init {config.init!r}; choose one of {', '.join(INITS)}")
+    if not isinstance(config.pretrain_epochs, int) or config.pretrain_epochs < 1:
+        raise UserInputError(f"--pretrain-epochs must be a positive integer, got {config.pretrain_epochs}")
     for key in ("K", "x_dim", "w_dim", "hidden_dim", "epochs", "batch_size", "mc_samples"):
         value = getattr(config, key)
         if not isinstance(value, int) or value < 1:
@@ -197,6 +203,32 @@ def evaluate(model, guide, data: Dataset, num_particles: int = 1) -> dict:
 
 
 # --- the run --------------------------------------------------------------------------
+def initialize(model, guide, data: Dataset, config: Config, shuffle: torch.Generator, device, progress: bool) -> dict:
+    """``--init vae-kmeans``: pretrain the x-path as a VAE, seat the components on k-means.
+
+    Returns the record written to ``init.json``: pretraining losses, the k-means objective
+    and the test metrics of the seated model before any GMVAE training.
+    """
+    x_train = data.x.to(device)
+    t0 = time.perf_counter()
+    losses = pretrain_vae(
+        model, guide, x_train, config.pretrain_epochs, config.batch_size, config.lr, shuffle, progress=progress
+    )
+    if not all(math.isfinite(v) for v in losses):
+        raise NonFiniteLossError(f"VAE pretraining diverged (losses per epoch {losses}); lower --lr")
+    seated = seat_components(model, guide, x_train, config.seed)
+    record = {
+        "init": config.init,
+        "pretrain_epochs": config.pretrain_epochs,
+        "pretrain_loss": losses,
+        "kmeans_inertia": seated["inertia"],
+        "seconds": time.perf_counter() - t0,
+    }
+    record["test_at_init"] = evaluate(model, guide, data)
+    logger.info("initialised (%s): %s", config.init, record)
+    return record
+
+
 def epoch_lr(config: Config, epoch: int) -> float:
     """Learning rate of ``epoch`` (1-based): constant, or cosine from lr to lr_final.
 
@@ -310,6 +342,11 @@ def train(
     model, guide = build_model_and_guide(config, data.data_shape)
     model.to(device)
     guide.to(device)
+    init_record = None
+    if state is None and config.init != "random":
+        # Before DDP wraps the model: every rank pretrains alike (same seed, same data) and
+        # DDP's broadcast from rank 0 makes the starts identical in any case.
+        init_record = initialize(model, guide, data, config, shuffle, device, progress=config.progress and info.is_main)
     loss_fn = make_elbo(config.mc_samples)(model, guide)
     step_loss = distributed.wrap(loss_fn, info, device)  # DDP over the ELBO module, or loss_fn
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=config.lr)
@@ -336,6 +373,8 @@ def train(
         # The checkpoint is the record: metrics.jsonl is rewritten from it, so a run killed
         # between the two files never shows an epoch that the checkpoint does not hold.
         _write_jsonl(out / "metrics.jsonl", history)
+        if init_record is not None:
+            ckpt.atomic_write_text(out / INIT_NAME, json.dumps(init_record, indent=2))
 
     x_train = data.x.to(device)
     num_train = len(x_train)

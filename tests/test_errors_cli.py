@@ -105,6 +105,8 @@ CASES = [
     ("unknown-network", ["--network", "resnet"], None, ["--network", "resnet", "conv", "fc"]),
     ("unknown-likelihood", ["--likelihood", "poisson"], None, ["--likelihood", "poisson", "bernoulli", "gaussian"]),
     ("unknown-guide", ["--guide", "v3"], None, ["--guide", "v3", "v1", "v2"]),
+    ("unknown-init", ["--init", "pca"], None, ["--init", "pca", "random", "vae-kmeans"]),
+    SLOW("pretrain-epochs-zero", ["--init", "vae-kmeans", "--pretrain-epochs", "0"], None, ["--pretrain-epochs"]),
     ("K-not-int", ["--K", "abc"], None, ["--K", "abc", "--help"]),
     ("unknown-flag", ["--clusters", "5"], None, ["--clusters", "--help"]),
     ("device-tpu", ["--device", "tpu"], None, ["tpu", "cpu, cuda or cuda:N"]),

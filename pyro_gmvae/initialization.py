@@ -1,0 +1,132 @@
+"""Initialising the mixture from a pretrained VAE (``--init vae-kmeans``).
+
+The recipe of VaDE (Jiang et al. 2017), adapted to the GMVAE:
+
+1. pretrain the x-path alone, encoder trunk, q(x|y) heads and decoder, as a plain VAE with
+   p(x) = N(0, I) (:func:`pretrain_vae`);
+2. cluster the posterior means of x for the training set with k-means;
+3. seat the K components of p(x | z, w) on the k-means clusters: each component's location
+   becomes its cluster's centroid and its scale the cluster's spread of x under q
+   (the moment-matched Gaussian), while the prior network's weights are shrunk so that w
+   starts with little influence (:func:`seat_components`).
+
+Training then proceeds as usual from this start.  The default (``--init random``) skips all
+of this and uses PyTorch's initialisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro import distributions as dist
+from torch.distributions import kl_divergence
+from tqdm.auto import tqdm
+
+from pyro_gmvae.errors import UserInputError
+from pyro_gmvae.networks import SCALE_FLOOR
+
+INITS = ("random", "vae-kmeans")
+
+
+def pretrain_vae(
+    model,
+    guide,
+    x_train: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    progress: bool = False,
+) -> list[float]:
+    """Train the encoder's x-path and the decoder as a VAE with p(x) = N(0, I).
+
+    The w-path, the prior network and the cluster head (v1) are untouched.  Uses its own
+    Adam optimiser; shuffles with ``generator``.  Returns the mean loss (negative ELBO of
+    the plain VAE, nats per example) of each epoch.
+    """
+    encoder = guide.encoder
+    params = [
+        *encoder.trunk.parameters(),
+        *encoder.x_loc.parameters(),
+        *encoder.x_scale.parameters(),
+        *model.decoder.parameters(),
+        *model.likelihood.parameters(),
+    ]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    model.train()
+    guide.train()
+    num_train = len(x_train)
+    steps = num_train // batch_size  # drop the ragged last batch: BatchNorm needs > 1
+    losses = []
+    bar = tqdm(total=epochs * steps, disable=not progress, desc="VAE pretraining", unit="step", mininterval=0.5)
+    for _ in range(epochs):
+        perm = torch.randperm(num_train, generator=generator).to(x_train.device)
+        total = torch.zeros((), device=x_train.device)
+        for step in range(steps):
+            y = x_train[perm[step * batch_size : (step + 1) * batch_size]]
+            q = encoder(y)
+            q_x = dist.Normal(q["x_loc"], q["x_scale"]).to_event(1)
+            x = q_x.rsample()
+            p_x = dist.Normal(torch.zeros_like(x), 1.0).to_event(1)
+            elbo = model.p_y(x).log_prob(y) - kl_divergence(q_x, p_x)
+            loss = -elbo.mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            bar.update()
+        losses.append(total.item() / steps)
+    bar.close()
+    return losses
+
+
+def _inverse_softplus(t: torch.Tensor) -> torch.Tensor:
+    return t + torch.log(-torch.expm1(-t))  # log(exp(t) - 1), stable for large t
+
+
+@torch.no_grad()
+def seat_components(model, guide, x_train: torch.Tensor, seed: int, max_points: int = 20000, shrink: float = 0.1):
+    """Put the K components of p(x | z, w) on the k-means clusters of q(x|y)'s means.
+
+    Parameters
+    ----------
+    model, guide
+        A GMVAE and its guide; the guide's ``encoder`` gives q(x | y).
+    x_train : Tensor
+        Training examples; the first ``max_points`` are encoded and clustered.
+    seed : int
+        k-means seed.
+    shrink : float
+        Factor on the prior network's head weights, so that mu_k(w) and sigma_k(w) start
+        close to the seated values for any w.
+
+    Returns
+    -------
+    dict
+        ``assignments`` (k-means cluster of each clustered example, int64 tensor),
+        ``inertia`` (k-means objective).
+    """
+    from sklearn.cluster import KMeans
+
+    num_clusters = model.prior.num_clusters
+    guide.eval()
+    y = x_train[:max_points]
+    q = [guide.encode(y[i : i + 1000]) for i in range(0, len(y), 1000)]
+    loc = torch.cat([b["x_loc"] for b in q])
+    var = torch.cat([b["x_scale"] for b in q]) ** 2
+    if len(loc) < num_clusters:
+        raise UserInputError(f"--init vae-kmeans needs at least K={num_clusters} training examples, got {len(loc)}")
+    kmeans = KMeans(num_clusters, n_init=10, random_state=seed).fit(loc.double().cpu().numpy())
+    labels = torch.as_tensor(kmeans.labels_, dtype=torch.long, device=loc.device)
+    onehot = torch.nn.functional.one_hot(labels, num_clusters).to(loc.dtype)  # (N, K)
+    counts = onehot.sum(0)[:, None]  # (K, 1); k-means leaves no cluster empty
+    centroids = onehot.T @ loc / counts  # (K, Dx)
+    # Spread of x ~ q within the cluster: variance of the means plus the mean variance.
+    spread = onehot.T @ (loc**2 + var) / counts - centroids**2
+    scale = spread.clamp_min(4 * SCALE_FLOOR**2).sqrt()
+
+    network = model.prior.network
+    network.loc_head.weight.mul_(shrink)
+    network.loc_head.bias.copy_(centroids.reshape(-1))
+    network.scale_head.weight.mul_(shrink)
+    network.scale_head.bias.copy_(_inverse_softplus(scale - SCALE_FLOOR).reshape(-1))
+    return {"assignments": labels.cpu(), "inertia": float(kmeans.inertia_)}

@@ -1,0 +1,132 @@
+"""``--init vae-kmeans``: VAE pretraining of the x-path, then components seated on k-means."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pyro_gmvae import Config, train
+from pyro_gmvae.build import build_model_and_guide
+from pyro_gmvae.errors import UserInputError
+from pyro_gmvae.initialization import pretrain_vae, seat_components
+from pyro_gmvae.networks import SCALE_FLOOR
+
+SMALL = dict(data="spiral", train_subset=600, test_subset=200, seed=2, progress=False)
+
+
+def _model_and_guide(K=3, x_dim=4, data_shape=(6,)):
+    config = Config(data="x.npz", K=K, x_dim=x_dim, w_dim=3, hidden_dim=16).resolved()
+    return build_model_and_guide(config, data_shape)
+
+
+def _blobs(n=300, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[4.0] * 6, [-4.0] * 6, [4.0, -4.0] * 3])
+    labels = torch.arange(n) % 3
+    return centres[labels] + 0.3 * torch.randn(n, 6, generator=g), labels
+
+
+def test_seated_components_are_the_moment_matched_kmeans_clusters():
+    torch.manual_seed(0)
+    model, guide = _model_and_guide()
+    y, _ = _blobs()
+    guide.eval()
+    q = guide.encode(y)
+    loc, var = q["x_loc"].detach(), q["x_scale"].detach() ** 2
+
+    seated = seat_components(model, guide, y, seed=0, shrink=0.0)
+    labels = seated["assignments"]
+    assert labels.shape == (len(y),) and set(labels.tolist()) == {0, 1, 2}
+
+    # With shrink 0 the components no longer depend on w: any w gives the seated values.
+    comp_loc, comp_scale = model.prior.components(torch.randn(5, 3))
+    for k in range(3):
+        members = labels == k
+        centroid = loc[members].mean(0)
+        spread = (loc[members] ** 2 + var[members]).mean(0) - centroid**2
+        torch.testing.assert_close(comp_loc[:, k], centroid.expand(5, -1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(comp_scale[:, k], spread.sqrt().expand(5, -1), rtol=1e-4, atol=1e-5)
+    assert (comp_scale >= 2 * SCALE_FLOOR - 1e-6).all()
+
+
+def test_seating_keeps_a_shrunk_w_dependence_and_the_kmeans_partition():
+    torch.manual_seed(1)
+    model, guide = _model_and_guide()
+    y, blob = _blobs()
+    weight = model.prior.network.loc_head.weight.detach().clone()
+    seated = seat_components(model, guide, y, seed=0, shrink=0.1)
+    torch.testing.assert_close(model.prior.network.loc_head.weight, 0.1 * weight)
+    # Well separated blobs: k-means on the (random) encoder's means recovers them, and the
+    # seated model's cluster posterior at the encoder means agrees with k-means.
+    contingency = np.zeros((3, 3), dtype=int)
+    np.add.at(contingency, (seated["assignments"].numpy(), blob.numpy()), 1)
+    assert (contingency.max(0) == 100).all()
+    guide.eval()
+    q = guide.encode(y)
+    r = model.cluster_log_posterior(q["x_loc"], q["w_loc"]).argmax(-1)
+    assert (r == seated["assignments"]).float().mean() > 0.95
+
+
+def test_seating_needs_k_examples():
+    model, guide = _model_and_guide(K=3)
+    with pytest.raises(UserInputError, match="at least K=3"):
+        seat_components(model, guide, torch.randn(2, 6), seed=0)
+
+
+def test_pretraining_fits_the_x_path_only():
+    torch.manual_seed(0)
+    model, guide = _model_and_guide()
+    y, _ = _blobs()
+    untouched = {
+        "w_loc": guide.encoder.w_loc,
+        "w_scale": guide.encoder.w_scale,
+        "prior": model.prior.network,
+    }
+    before = {k: [p.detach().clone() for p in m.parameters()] for k, m in untouched.items()}
+    trunk_before = [p.detach().clone() for p in guide.encoder.trunk.parameters()]
+    losses = pretrain_vae(model, guide, y, epochs=6, batch_size=50, lr=1e-2, generator=torch.Generator().manual_seed(0))
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    for k, m in untouched.items():
+        for a, b in zip(before[k], m.parameters(), strict=True):
+            assert torch.equal(a, b), f"{k} changed during pretraining"
+    assert any(not torch.equal(a, b) for a, b in zip(trunk_before, guide.encoder.trunk.parameters(), strict=True))
+
+
+def test_inverse_softplus_round_trip():
+    from pyro_gmvae.initialization import _inverse_softplus
+
+    t = torch.tensor([1e-4, 0.1, 1.0, 30.0, 200.0], dtype=torch.float64)
+    torch.testing.assert_close(F.softplus(_inverse_softplus(t)), t)
+
+
+def test_init_run_records_its_start_and_resumes_without_pretraining_again(tmp_path):
+    config = dict(epochs=2, init="vae-kmeans", pretrain_epochs=2, **SMALL)
+    one_go = train(Config(out=str(tmp_path / "one"), **config), make_figures=False)
+    record = json.loads((tmp_path / "one" / "init.json").read_text())
+    assert record["init"] == "vae-kmeans" and len(record["pretrain_loss"]) == 2
+    assert 0 <= record["test_at_init"]["acc_hungarian"] <= 1
+    assert record["test_at_init"]["clusters_used"] >= 1
+
+    # Same seed, same start and same run.
+    again = train(Config(out=str(tmp_path / "again"), **config), make_figures=False)
+    assert json.loads((tmp_path / "again" / "init.json").read_text())["test_at_init"] == record["test_at_init"]
+    for a, b in zip(one_go.model.state_dict().values(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+    # Resuming continues from the checkpoint: init.json is not rewritten.
+    half = tmp_path / "half"
+    train(Config(out=str(half), **{**config, "epochs": 1}), make_figures=False)
+    stamp = (half / "init.json").stat().st_mtime_ns
+    resumed = train(Config(out=str(half), **config), resume=True, make_figures=False)
+    assert (half / "init.json").stat().st_mtime_ns == stamp
+    for a, b in zip(one_go.guide.state_dict().values(), resumed.guide.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_default_init_writes_no_record(tmp_path):
+    train(Config(out=str(tmp_path / "r"), epochs=1, **SMALL), make_figures=False)
+    assert not (tmp_path / "r" / "init.json").exists()
