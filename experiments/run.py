@@ -62,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     add("--kl-warmup", type=int, help="epochs over which the KL terms' weight rises linearly to 1 (default 0: off)")
     add("--init", help=f"vae-kmeans: pretrain a VAE, seat the components on k-means (default {defaults.init})")
     add("--pretrain-epochs", type=int, help=f"VAE epochs of --init vae-kmeans (default {defaults.pretrain_epochs})")
+    add("--pretrain-lr", type=float, help=f"Adam learning rate of that pretraining (default {defaults.pretrain_lr:g})")
     add("--mc-samples", type=int, help=f"M, Monte Carlo samples of (x, w) (default {defaults.mc_samples})")
     add("--z-prior-weight", type=float, help=f"eta, weight of the z-prior KL (default {defaults.z_prior_weight})")
     add("--cv-weight", type=float, help="alpha, consistency-violation weight (default: data preset)")

@@ -95,6 +95,7 @@ class Config:
     kl_warmup: int | None = None  # epochs over which the KL terms' weight rises linearly to 1; 0 = off
     init: str = "random"  # random (PyTorch's) | vae-kmeans (pretrain a VAE, seat components on k-means)
     pretrain_epochs: int = 3  # VAE pretraining epochs of --init vae-kmeans
+    pretrain_lr: float = 1e-3  # Adam learning rate of that pretraining
     z_prior_weight: float = 1.0  # eta
     cv_weight: float | None = None  # alpha
     free_bits: float = 0.0  # lambda; 0 = off

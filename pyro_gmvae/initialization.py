@@ -8,7 +8,8 @@ The recipe of VaDE (Jiang et al. 2017), adapted to the GMVAE:
 3. seat the K components of p(x | z, w) on the k-means clusters: each component's location
    becomes its cluster's centroid and its scale the cluster's spread of x under q
    (the moment-matched Gaussian), while the prior network's weights are shrunk so that w
-   starts with little influence (:func:`seat_components`).
+   starts with little influence, and q(w | y) is set to the prior N(0, I)
+   (:func:`seat_components`).
 
 Training then proceeds as usual from this start.  The default (``--init random``) skips all
 of this and uses PyTorch's initialisation.
@@ -123,6 +124,14 @@ def seat_components(model, guide, x_train: torch.Tensor, seed: int, max_points: 
     # Spread of x ~ q within the cluster: variance of the means plus the mean variance.
     spread = onehot.T @ (loc**2 + var) / counts - centroids**2
     scale = spread.clamp_min(4 * SCALE_FLOOR**2).sqrt()
+
+    # q(w | y) starts at the prior N(0, I): w carries nothing yet and costs no KL, so the
+    # first GMVAE steps do not pull the pretrained trunk towards a random w-path.
+    encoder = guide.encoder
+    encoder.w_loc.weight.zero_()
+    encoder.w_loc.bias.zero_()
+    encoder.w_scale.weight.zero_()
+    encoder.w_scale.bias.fill_(float(_inverse_softplus(torch.tensor(1.0 - SCALE_FLOOR))))
 
     network = model.prior.network
     network.loc_head.weight.mul_(shrink)

@@ -92,7 +92,7 @@ def validate_config(config: Config) -> None:
         if not isinstance(value, int) or value < 1:
             flag = "--" + key.replace("_", "-")
             raise UserInputError(f"{flag} must be a positive integer, got {value}")
-    for key in ("lr", "lr_final"):
+    for key in ("lr", "lr_final", "pretrain_lr"):
         value = getattr(config, key)
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise UserInputError(f"--{key.replace('_', '-')} must be a positive number, got {value}")
@@ -212,7 +212,7 @@ def initialize(model, guide, data: Dataset, config: Config, shuffle: torch.Gener
     x_train = data.x.to(device)
     t0 = time.perf_counter()
     losses = pretrain_vae(
-        model, guide, x_train, config.pretrain_epochs, config.batch_size, config.lr, shuffle, progress=progress
+        model, guide, x_train, config.pretrain_epochs, config.batch_size, config.pretrain_lr, shuffle, progress=progress
     )
     if not all(math.isfinite(v) for v in losses):
         raise NonFiniteLossError(f"VAE pretraining diverged (losses per epoch {losses}); lower --lr")
@@ -220,6 +220,7 @@ def initialize(model, guide, data: Dataset, config: Config, shuffle: torch.Gener
     record = {
         "init": config.init,
         "pretrain_epochs": config.pretrain_epochs,
+        "pretrain_lr": config.pretrain_lr,
         "pretrain_loss": losses,
         "kmeans_inertia": seated["inertia"],
         "seconds": time.perf_counter() - t0,

@@ -67,6 +67,9 @@ def test_seating_keeps_a_shrunk_w_dependence_and_the_kmeans_partition():
     assert (contingency.max(0) == 100).all()
     guide.eval()
     q = guide.encode(y)
+    # q(w | y) starts at the prior N(0, I), up to the scale floor.
+    assert torch.equal(q["w_loc"], torch.zeros_like(q["w_loc"]))
+    torch.testing.assert_close(q["w_scale"], torch.ones_like(q["w_scale"]))
     r = model.cluster_log_posterior(q["x_loc"], q["w_loc"]).argmax(-1)
     assert (r == seated["assignments"]).float().mean() > 0.95
 

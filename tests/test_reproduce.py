@@ -25,6 +25,19 @@ def test_summary_over_seeds():
     assert s["acc_hungarian"]["std"] == pytest.approx(0.1)
     assert (s["acc_hungarian"]["worst"], s["acc_hungarian"]["best"]) == (0.5, 0.7)
     assert s["num_seeds"] == 3
+    assert "acc_hungarian_at_init" not in s
+
+
+def test_summary_of_the_start_of_init_runs():
+    reproduce = _reproduce()
+    rows = [
+        {"acc_hungarian": 0.7, "seconds": 1.0, "epochs": 2, "at_init": {"acc_paper": 0.5, "acc_hungarian": a}}
+        for a in (0.6, 0.64)
+    ]
+    s = reproduce.summarise(rows)
+    assert s["acc_hungarian_at_init"]["mean"] == pytest.approx(0.62)
+    assert (s["acc_hungarian_at_init"]["worst"], s["acc_hungarian_at_init"]["best"]) == (0.6, 0.64)
+    assert s["acc_paper_at_init"]["std"] == 0.0
 
 
 @requires_mnist
