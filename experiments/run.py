@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     add("--lr", type=float, help="Adam learning rate (default: data preset)")
     add("--lr-final", type=float, help="decay the learning rate to this by the last epoch (cosine); default: constant")
     add("--kl-warmup", type=int, help="epochs over which the KL terms' weight rises linearly to 1 (default 0: off)")
-    add("--init", help=f"vae-kmeans: pretrain a VAE, seat the components on k-means (default {defaults.init})")
+    add("--init", help="random, or vae-kmeans: pretrain a VAE, seat the components on k-means (default: data preset)")
     add("--pretrain-epochs", type=int, help=f"VAE epochs of --init vae-kmeans (default {defaults.pretrain_epochs})")
     add("--pretrain-lr", type=float, help=f"Adam learning rate of that pretraining (default {defaults.pretrain_lr:g})")
     add("--mc-samples", type=int, help=f"M, Monte Carlo samples of (x, w) (default {defaults.mc_samples})")
