@@ -108,6 +108,9 @@ GRIDS = {
         epochs=10,
     ),
     "k16": dict(settings=[_variant(K=16, cv_weight=0.4)], seeds=3, epochs=4),
+    # K = 16 at 10 epochs: the k10warmup setting, and the k10init setting (lr 1e-3).
+    "k16warmup": dict(settings=[_variant(K=16, cv_weight=0.4, kl_warmup=3)], seeds=3, epochs=10),
+    "k16init": dict(settings=[_variant(K=16, cv_weight=0.4, init="vae-kmeans")], seeds=3, epochs=10),
     # One change at a time from BASE, plus the paper's own optimiser settings.
     "levers": dict(
         settings=[

@@ -69,3 +69,27 @@ def test_smoke_grid_is_resumable(tmp_path, capsys):
     assert reproduce.main(argv) == 0
     assert capsys.readouterr().out.count("done, read") == 2
     assert json.loads((tmp_path / "mnist.json").read_text())["settings"][name]["per_seed"] == entry["per_seed"]
+
+
+def test_readme_mnist_numbers_come_from_the_committed_results():
+    """Every "mean +- std" of the README's MNIST section (with or without [worst, best]) is a
+    summary in experiments/results/mnist.json, formatted as reproduce.py formats it."""
+    import re
+
+    reproduce = _reproduce()
+    results = json.loads((REPO / "experiments" / "results" / "mnist.json").read_text())
+    summaries = [
+        stats
+        for entry in results["settings"].values()
+        for key, stats in entry["summary"].items()
+        if isinstance(stats, dict) and key not in ("seconds", "epochs", "elbo", "clusters_used")
+    ]
+    full = {reproduce._percent_cell(stats) for stats in summaries}
+    short = {cell.split(" [")[0] for cell in full}
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## MNIST: multi-seed results") : readme.index("### Commands")]
+    number = r"(?<![\d.])\d+\.\d \+- \d+\.\d(?![\d.])"
+    cells = re.findall(number + r"(?: \[\d+\.\d, \d+\.\d\])?", section)
+    assert len(cells) >= 20
+    missing = [c for c in cells if c not in (full if "[" in c else short)]
+    assert not missing, f"README MNIST numbers not in mnist.json: {missing}"
