@@ -195,6 +195,7 @@ def run_cell(setting: dict, seed: int, epochs: int, out: Path, args) -> dict:
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     final["marginal_entropy"] = history[-1].get("marginal_entropy")
     final["acc_hungarian_per_epoch"] = [round(row["acc_hungarian"], 4) for row in history]
+    final["acc_paper_per_epoch"] = [round(row["acc_paper"], 4) for row in history]
     if (out / INIT_NAME).is_file():  # --init: the test metrics of the start, before epoch 1
         start = json.loads((out / INIT_NAME).read_text())["test_at_init"]
         final["at_init"] = {k: start[k] for k in ("acc_paper", "acc_hungarian", "nmi") if k in start}

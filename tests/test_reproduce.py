@@ -93,3 +93,34 @@ def test_readme_mnist_numbers_come_from_the_committed_results():
     assert len(cells) >= 20
     missing = [c for c in cells if c not in (full if "[" in c else short)]
     assert not missing, f"README MNIST numbers not in mnist.json: {missing}"
+
+
+def test_accuracy_figure_from_results(tmp_path):
+    spec = importlib.util.spec_from_file_location("mnist_figure", REPO / "experiments" / "mnist_figure.py")
+    figure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figure)
+
+    def seed(acc, start=None):
+        row = {"acc_hungarian_per_epoch": acc, "acc_paper_per_epoch": acc}
+        if start is not None:
+            row["at_init"] = {"acc_hungarian": start, "acc_paper": start}
+        return row
+
+    def entry(K, per_seed, train_subset=None):
+        return {"config": {"K": K}, "train_subset": train_subset, "summary": {"num_seeds": 2}, "per_seed": per_seed}
+
+    results = {
+        "settings": {
+            "K10-a-e2": entry(10, [seed([0.5, 0.6]), seed([0.4, 0.5])]),
+            "K10-a-e3": entry(10, [seed([0.5, 0.6, 0.7]), seed([0.4, 0.5, 0.6])]),  # longer: replaces e2
+            "K10-init-e2": entry(10, [seed([0.6, 0.7], 0.65), seed([0.6, 0.6], 0.6)]),
+            "K10-subset-e2": entry(10, [seed([0.1, 0.2]), seed([0.1, 0.2])], train_subset=1000),
+            "K16-b-e2": entry(16, [seed([0.5, 0.6]), seed([0.5, 0.7])]),
+        }
+    }
+    got = {name: (acc.shape, start) for name, acc, start in figure.curves(results, 10)}
+    assert set(got) == {"K10-a-e3", "K10-init-e2"}
+    assert got["K10-a-e3"][0] == (2, 3) and got["K10-a-e3"][1] is None
+    assert list(got["K10-init-e2"][1]) == [0.65, 0.6]
+    path = figure.plot(results, tmp_path / "acc.png")
+    assert path.stat().st_size > 10_000
