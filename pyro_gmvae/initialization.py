@@ -11,8 +11,9 @@ The recipe of VaDE (Jiang et al. 2017), adapted to the GMVAE:
    starts with little influence, and q(w | y) is set to the prior N(0, I)
    (:func:`seat_components`).
 
-Training then proceeds as usual from this start.  The default (``--init random``) skips all
-of this and uses PyTorch's initialisation.
+Training then proceeds as usual from this start.  The v1 guide's cluster head q(z | y) is
+not fitted to the k-means partition: it starts from PyTorch's initialisation.  The default
+(``--init random``) skips all of this and uses PyTorch's initialisation throughout.
 """
 
 from __future__ import annotations

@@ -215,7 +215,7 @@ def initialize(model, guide, data: Dataset, config: Config, shuffle: torch.Gener
         model, guide, x_train, config.pretrain_epochs, config.batch_size, config.pretrain_lr, shuffle, progress=progress
     )
     if not all(math.isfinite(v) for v in losses):
-        raise NonFiniteLossError(f"VAE pretraining diverged (losses per epoch {losses}); lower --lr")
+        raise NonFiniteLossError(f"VAE pretraining diverged (losses per epoch {losses}); lower --pretrain-lr")
     seated = seat_components(model, guide, x_train, config.seed)
     record = {
         "init": config.init,
