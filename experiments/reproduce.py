@@ -109,7 +109,7 @@ GRIDS = {
     ),
     # Rewarding confident assignments: with the v2 guide and uniform pi only eta - alpha
     # matters (the weight on H(r)); CV weight 2.0 makes it -1 (the k10init rows: 0.6).
-    "k10confident": dict(settings=[_variant(cv_weight=2.0, init="vae-kmeans")], seeds=2, epochs=10),
+    "k10confident": dict(settings=[_variant(cv_weight=2.0, init="vae-kmeans")], seeds=5, epochs=10),
     "k16": dict(settings=[_variant(K=16, cv_weight=0.4)], seeds=3, epochs=4),
     # K = 16 at 10 epochs: the k10warmup setting, and the k10init setting (lr 1e-3).
     "k16warmup": dict(settings=[_variant(K=16, cv_weight=0.4, kl_warmup=3)], seeds=3, epochs=10),
