@@ -203,13 +203,15 @@ def evaluate(model, guide, data: Dataset, num_particles: int = 1) -> dict:
 
 
 # --- the run --------------------------------------------------------------------------
-def initialize(model, guide, data: Dataset, config: Config, shuffle: torch.Generator, device, progress: bool) -> dict:
+def initialize(
+    model, guide, data: Dataset, x_train: torch.Tensor, config: Config, shuffle: torch.Generator, progress: bool
+) -> dict:
     """``--init vae-kmeans``: pretrain the x-path as a VAE, seat the components on k-means.
 
     Returns the record written to ``init.json``: pretraining losses, the k-means objective
-    and the test metrics of the seated model before any GMVAE training.
+    and the test metrics of the seated model before any GMVAE training.  ``x_train`` is
+    ``data.x`` already on the training device.
     """
-    x_train = data.x.to(device)
     t0 = time.perf_counter()
     losses = pretrain_vae(
         model, guide, x_train, config.pretrain_epochs, config.batch_size, config.pretrain_lr, shuffle, progress=progress
@@ -343,11 +345,13 @@ def train(
     model, guide = build_model_and_guide(config, data.data_shape)
     model.to(device)
     guide.to(device)
+    x_train = data.x.to(device)
     init_record = None
     if state is None and config.init != "random":
         # Before DDP wraps the model: every rank pretrains alike (same seed, same data) and
         # DDP's broadcast from rank 0 makes the starts identical in any case.
-        init_record = initialize(model, guide, data, config, shuffle, device, progress=config.progress and info.is_main)
+        show = config.progress and info.is_main
+        init_record = initialize(model, guide, data, x_train, config, shuffle, progress=show)
     loss_fn = make_elbo(config.mc_samples)(model, guide)
     step_loss = distributed.wrap(loss_fn, info, device)  # DDP over the ELBO module, or loss_fn
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=config.lr)
@@ -377,7 +381,6 @@ def train(
         if init_record is not None:
             ckpt.atomic_write_text(out / INIT_NAME, json.dumps(init_record, indent=2))
 
-    x_train = data.x.to(device)
     num_train = len(x_train)
     batch_size = config.batch_size
     steps_per_epoch = num_train // batch_size  # drop the ragged last batch: BatchNorm needs > 1
