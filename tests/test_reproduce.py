@@ -124,3 +124,37 @@ def test_accuracy_figure_from_results(tmp_path):
     assert list(got["K10-init-e2"][1]) == [0.65, 0.6]
     path = figure.plot(results, tmp_path / "acc.png")
     assert path.stat().st_size > 10_000
+
+
+@requires_mnist
+def test_continue_from_a_shorter_budget_equals_training_from_scratch(tmp_path, capsys):
+    reproduce = _reproduce()
+    base = ["--grid", "smoke", "--only", "0", "--seeds", "1", "--train-subset", "200", "--test-subset", "100"]
+    continued, scratch = tmp_path / "continued", tmp_path / "scratch"
+    assert reproduce.main([*base, "--epochs", "1", "--results", str(continued)]) == 0
+    assert reproduce.main([*base, "--epochs", "2", "--continue-from", "1", "--results", str(continued)]) == 0
+    assert "continuing" in capsys.readouterr().out
+    assert reproduce.main([*base, "--epochs", "2", "--results", str(scratch)]) == 0
+
+    def cell(folder):
+        settings = json.loads((folder / "mnist.json").read_text())["settings"]
+        (entry,) = [e for name, e in settings.items() if name.endswith("-e2")]
+        (row,) = entry["per_seed"]
+        return {k: row[k] for k in ("acc_hungarian_per_epoch", "acc_paper_per_epoch", "elbo", "nmi", "epochs")}
+
+    assert cell(continued) == cell(scratch)
+    assert len(json.loads((continued / "mnist.json").read_text())["settings"]) == 2  # e1 and e2 cells
+
+
+def test_continue_from_needs_a_shorter_finished_cell(tmp_path, capsys):
+    reproduce = _reproduce()
+    base = ["--grid", "smoke", "--only", "0", "--seeds", "1", "--results", str(tmp_path)]
+    with pytest.raises(SystemExit, match="between 1 and"):
+        reproduce.main([*base, "--epochs", "2", "--continue-from", "2"])
+    with pytest.raises(SystemExit, match="constant learning rate"):
+        reproduce.main(["--grid", "k10long", "--results", str(tmp_path), "--continue-from", "10"])
+    # No finished 1-epoch cell: the seed is recorded as an error, nothing is trained.
+    assert reproduce.main([*base, "--epochs", "2", "--continue-from", "1"]) == 0
+    assert "is not a finished cell" in capsys.readouterr().err
+    (entry,) = json.loads((tmp_path / "mnist.json").read_text())["settings"].values()
+    assert "is not a finished cell" in entry["per_seed"][0]["error"]
