@@ -115,6 +115,13 @@ GRIDS = {
     "k10confident": dict(settings=[_variant(cv_weight=2.0, init="vae-kmeans")], seeds=5, epochs=10),
     # The k10confident setting with M = 10 particles (the paper's better K = 10 column).
     "k10m10": dict(settings=[_variant(cv_weight=2.0, init="vae-kmeans", mc_samples=10)], seeds=3, epochs=10),
+    # The k10confident setting with 4 starts, each probed for 2 GMVAE epochs, the one with
+    # the lowest training objective kept (--init-restarts 4).
+    "k10restarts": dict(
+        settings=[_variant(cv_weight=2.0, init="vae-kmeans", init_restarts=4, init_probe_epochs=2)],
+        seeds=5,
+        epochs=20,
+    ),
     "k16": dict(settings=[_variant(K=16, cv_weight=0.4)], seeds=3, epochs=4),
     # K = 16 at 10 epochs: the k10warmup setting, and the k10init setting (lr 1e-3).
     "k16warmup": dict(settings=[_variant(K=16, cv_weight=0.4, kl_warmup=3)], seeds=3, epochs=10),
@@ -157,6 +164,8 @@ def setting_name(s: dict, train_subset: int | None) -> str:
         name += f"-warm{s['kl_warmup']}"
     if s.get("init", "random") != "random":
         name += f"-{s['init']}{s['pretrain_epochs']}"
+        if s.get("init_restarts", 1) > 1:
+            name += f"x{s['init_restarts']}p{s['init_probe_epochs']}"
     if s.get("lr_final") is not None:
         name += f"-cos{s['lr_final']:g}"
     if s["x_dim"] != BASE["x_dim"] or s["w_dim"] != BASE["w_dim"]:

@@ -63,6 +63,13 @@ def parser() -> argparse.ArgumentParser:
     add("--init", help="random, or vae-kmeans: pretrain a VAE, seat the components on k-means (default: data preset)")
     add("--pretrain-epochs", type=int, help=f"VAE epochs of --init vae-kmeans (default {defaults.pretrain_epochs})")
     add("--pretrain-lr", type=float, help=f"Adam learning rate of that pretraining (default {defaults.pretrain_lr:g})")
+    add(
+        "--init-restarts",
+        type=int,
+        help="--init vae-kmeans: pretrain and seat this many starts, train each for --init-probe-epochs, "
+        f"keep the one with the lowest training objective (default {defaults.init_restarts})",
+    )
+    add("--init-probe-epochs", type=int, help=f"GMVAE epochs of each probe (default {defaults.init_probe_epochs})")
     add("--mc-samples", type=int, help=f"M, Monte Carlo samples of (x, w) (default {defaults.mc_samples})")
     add("--z-prior-weight", type=float, help=f"eta, weight of the z-prior KL (default {defaults.z_prior_weight})")
     add("--cv-weight", type=float, help="alpha, consistency-violation weight (default: data preset)")

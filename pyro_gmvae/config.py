@@ -102,6 +102,8 @@ class Config:
     init: str | None = None  # random (PyTorch's) | vae-kmeans (pretrain a VAE, seat components on k-means)
     pretrain_epochs: int = 3  # VAE pretraining epochs of --init vae-kmeans
     pretrain_lr: float = 1e-3  # Adam learning rate of that pretraining
+    init_restarts: int = 1  # --init vae-kmeans: seat this many starts, keep the best by the probe's objective
+    init_probe_epochs: int = 2  # GMVAE epochs each start trains before it is scored (restarts > 1)
     z_prior_weight: float = 1.0  # eta
     cv_weight: float | None = None  # alpha
     free_bits: float = 0.0  # lambda; 0 = off

@@ -8,6 +8,7 @@ an atomic checkpoint that holds everything needed to resume bit-for-bit on CPU.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from pyro_gmvae.build import CHOICES, build_model_and_guide
 from pyro_gmvae.config import Config
 from pyro_gmvae.data import DATASETS, Dataset, load_dataset, validate_dataset
 from pyro_gmvae.errors import NonFiniteLossError, UserInputError
-from pyro_gmvae.initialization import INITS, pretrain_vae, seat_components
+from pyro_gmvae.initialization import INITS, pretrain_vae, probe_start, seat_components
 from pyro_gmvae.likelihoods import LIKELIHOODS
 from pyro_gmvae.metrics import clustering_metrics
 from pyro_gmvae.networks import CONV_LAYOUTS
@@ -85,8 +86,10 @@ def validate_config(config: Config) -> None:
         raise UserInputError(f"--kl-warmup must be an integer >= 0, got {config.kl_warmup}")
     if config.init not in INITS:
         raise UserInputError(f"unknown --init {config.init!r}; choose one of {', '.join(INITS)}")
-    if not isinstance(config.pretrain_epochs, int) or config.pretrain_epochs < 1:
-        raise UserInputError(f"--pretrain-epochs must be a positive integer, got {config.pretrain_epochs}")
+    for key in ("pretrain_epochs", "init_restarts", "init_probe_epochs"):
+        value = getattr(config, key)
+        if not isinstance(value, int) or value < 1:
+            raise UserInputError(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
     for key in ("K", "x_dim", "w_dim", "hidden_dim", "epochs", "batch_size", "mc_samples"):
         value = getattr(config, key)
         if not isinstance(value, int) or value < 1:
@@ -204,32 +207,79 @@ def evaluate(model, guide, data: Dataset, num_particles: int = 1) -> dict:
 
 # --- the run --------------------------------------------------------------------------
 def initialize(
-    model, guide, data: Dataset, x_train: torch.Tensor, config: Config, shuffle: torch.Generator, progress: bool
+    model,
+    guide,
+    data: Dataset,
+    x_train: torch.Tensor,
+    config: Config,
+    shuffle: torch.Generator,
+    progress: bool,
+    build=None,
 ) -> dict:
     """``--init vae-kmeans``: pretrain the x-path as a VAE, seat the components on k-means.
 
+    With ``config.init_restarts`` R > 1, R starts are made (the first from ``model`` and
+    ``guide`` as given, the others from ``build()``, which returns a fresh model and guide on
+    the training device), each is probed (:func:`~pyro_gmvae.initialization.probe_start`)
+    and the one with the lowest objective is loaded into ``model`` and ``guide``.
+
     Returns the record written to ``init.json``: pretraining losses, the k-means objective
-    and the test metrics of the seated model before any GMVAE training.  ``x_train`` is
-    ``data.x`` already on the training device.
+    and the test metrics of the kept start before any GMVAE training, and with R > 1 one
+    such record per start (with its probe score; the test metrics there are reported, never
+    used to choose).  ``x_train`` is ``data.x`` already on the training device.
     """
     t0 = time.perf_counter()
-    losses = pretrain_vae(
-        model, guide, x_train, config.pretrain_epochs, config.batch_size, config.pretrain_lr, shuffle, progress=progress
-    )
-    if not all(math.isfinite(v) for v in losses):
-        raise NonFiniteLossError(f"VAE pretraining diverged (losses per epoch {losses}); lower --pretrain-lr")
-    seated = seat_components(model, guide, x_train, config.seed)
-    record = {
+    restarts = config.init_restarts
+    if restarts > 1 and build is None:
+        raise ValueError("initialize: init_restarts > 1 needs build()")
+    records, best, best_state = [], None, None
+    for restart in range(restarts):
+        m, g = (model, guide) if restart == 0 else build()
+        losses = pretrain_vae(
+            m, g, x_train, config.pretrain_epochs, config.batch_size, config.pretrain_lr, shuffle, progress=progress
+        )
+        if not all(math.isfinite(v) for v in losses):
+            raise NonFiniteLossError(f"VAE pretraining diverged (losses per epoch {losses}); lower --pretrain-lr")
+        seated = seat_components(m, g, x_train, config.seed + restart)
+        record = {"pretrain_loss": losses, "kmeans_inertia": seated["inertia"]}
+        if restarts > 1:
+            probe = probe_start(
+                m,
+                g,
+                x_train,
+                config.init_probe_epochs,
+                config.batch_size,
+                config.lr,
+                config.mc_samples,
+                shuffle,
+                progress=progress,
+            )
+            if not math.isfinite(probe["loss"]):
+                raise NonFiniteLossError(f"the probe of start {restart} diverged; lower --lr")
+            record.update(probe_loss=probe["loss"], probe_cluster_entropy=probe["cluster_entropy"])
+            if best is None or probe["loss"] < records[best]["probe_loss"]:
+                best = restart
+                best_state = copy.deepcopy((m.state_dict(), g.state_dict()))
+        record["test_at_init"] = evaluate(m, g, data)
+        records.append(record)
+        logger.info("start %d of %d: %s", restart + 1, restarts, record)
+    if best:  # start 0 was made in model and guide themselves; the probe trained copies
+        model.load_state_dict(best_state[0])
+        guide.load_state_dict(best_state[1])
+    chosen = records[best or 0]
+    out = {
         "init": config.init,
         "pretrain_epochs": config.pretrain_epochs,
         "pretrain_lr": config.pretrain_lr,
-        "pretrain_loss": losses,
-        "kmeans_inertia": seated["inertia"],
+        "pretrain_loss": chosen["pretrain_loss"],
+        "kmeans_inertia": chosen["kmeans_inertia"],
         "seconds": time.perf_counter() - t0,
+        "test_at_init": chosen["test_at_init"],
     }
-    record["test_at_init"] = evaluate(model, guide, data)
-    logger.info("initialised (%s): %s", config.init, record)
-    return record
+    if restarts > 1:
+        out.update(restarts=records, chosen=best, probe_epochs=config.init_probe_epochs)
+    logger.info("initialised (%s): %s", config.init, out)
+    return out
 
 
 def epoch_lr(config: Config, epoch: int) -> float:
@@ -351,7 +401,12 @@ def train(
         # Before DDP wraps the model: every rank pretrains alike (same seed, same data) and
         # DDP's broadcast from rank 0 makes the starts identical in any case.
         show = config.progress and info.is_main
-        init_record = initialize(model, guide, data, x_train, config, shuffle, progress=show)
+
+        def build():
+            m, g = build_model_and_guide(config, data.data_shape)
+            return m.to(device), g.to(device)
+
+        init_record = initialize(model, guide, data, x_train, config, shuffle, progress=show, build=build)
     loss_fn = make_elbo(config.mc_samples)(model, guide)
     step_loss = distributed.wrap(loss_fn, info, device)  # DDP over the ELBO module, or loss_fn
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=config.lr)

@@ -108,6 +108,7 @@ CASES = [
     ("unknown-init", ["--init", "pca"], None, ["--init", "pca", "random", "vae-kmeans"]),
     SLOW("pretrain-epochs-zero", ["--init", "vae-kmeans", "--pretrain-epochs", "0"], None, ["--pretrain-epochs"]),
     SLOW("pretrain-lr-negative", ["--init", "vae-kmeans", "--pretrain-lr", "-1"], None, ["--pretrain-lr", "positive"]),
+    ("init-restarts-zero", ["--init", "vae-kmeans", "--init-restarts", "0"], None, ["--init-restarts", "positive"]),
     ("K-not-int", ["--K", "abc"], None, ["--K", "abc", "--help"]),
     ("unknown-flag", ["--clusters", "5"], None, ["--clusters", "--help"]),
     ("device-tpu", ["--device", "tpu"], None, ["tpu", "cpu, cuda or cuda:N"]),

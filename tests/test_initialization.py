@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from pyro_gmvae import Config, train
 from pyro_gmvae.build import build_model_and_guide
 from pyro_gmvae.errors import UserInputError
-from pyro_gmvae.initialization import pretrain_vae, seat_components
+from pyro_gmvae.initialization import pretrain_vae, probe_start, seat_components
 from pyro_gmvae.networks import SCALE_FLOOR
 
 SMALL = dict(data="spiral", train_subset=600, test_subset=200, seed=2, progress=False)
@@ -133,3 +133,50 @@ def test_init_run_records_its_start_and_resumes_without_pretraining_again(tmp_pa
 def test_default_init_writes_no_record(tmp_path):
     train(Config(out=str(tmp_path / "r"), epochs=1, **SMALL), make_figures=False)
     assert not (tmp_path / "r" / "init.json").exists()
+
+
+def test_probe_scores_a_trained_copy_and_leaves_the_start_untouched():
+    torch.manual_seed(3)
+    model, guide = _model_and_guide()
+    y, _ = _blobs()
+    seat_components(model, guide, y, seed=0)
+    before = [t.clone() for t in (*model.state_dict().values(), *guide.state_dict().values())]
+    score = probe_start(model, guide, y, epochs=2, batch_size=50, lr=1e-3, num_particles=1, generator=torch.Generator())
+    after = [*model.state_dict().values(), *guide.state_dict().values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert np.isfinite(score["loss"]) and 0 <= score["cluster_entropy"] <= np.log(3) + 1e-6
+
+
+def test_restarts_keep_the_start_with_the_lowest_probe_objective(tmp_path, monkeypatch):
+    """The start whose probe scored lowest is the one loaded into the model; its record is init.json's."""
+    import pyro_gmvae.training as training
+
+    scores = iter([5.0, 1.0, 3.0])  # start 1 wins
+    seated = []  # each start's seated component locations, as the probe sees them
+
+    def fake_probe(model, *args, **kwargs):
+        seated.append(model.state_dict()["prior.network.loc_head.bias"].clone())
+        return {"loss": next(scores), "cluster_entropy": 0.5}
+
+    monkeypatch.setattr(training, "probe_start", fake_probe)
+    run = train(
+        Config(out=str(tmp_path / "r"), epochs=1, init="vae-kmeans", pretrain_epochs=1, init_restarts=3, **SMALL),
+        make_figures=False,
+    )
+    record = json.loads((tmp_path / "r" / "init.json").read_text())
+    assert record["chosen"] == 1 and len(record["restarts"]) == 3
+    assert [r["probe_loss"] for r in record["restarts"]] == [5.0, 1.0, 3.0]
+    assert record["test_at_init"] == record["restarts"][1]["test_at_init"]
+    assert record["kmeans_inertia"] == record["restarts"][1]["kmeans_inertia"]
+    # The run trained one epoch from start 1's seated state: it is nearest to that start.
+    trained = run.model.state_dict()["prior.network.loc_head.bias"]
+    distances = [float((trained - s).abs().max()) for s in seated]
+    assert min(range(3), key=distances.__getitem__) == 1, distances
+
+
+def test_one_restart_runs_no_probe(tmp_path, monkeypatch):
+    import pyro_gmvae.training as training
+
+    monkeypatch.setattr(training, "probe_start", lambda *a, **k: pytest.fail("probe with one start"))
+    train(Config(out=str(tmp_path / "r"), epochs=1, init="vae-kmeans", pretrain_epochs=1, **SMALL), make_figures=False)
+    assert "restarts" not in json.loads((tmp_path / "r" / "init.json").read_text())
