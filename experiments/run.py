@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
         "--init-restarts",
         type=int,
         help="--init vae-kmeans: pretrain and seat this many starts, train each for --init-probe-epochs, "
-        f"keep the one with the lowest training objective (default {defaults.init_restarts})",
+        "keep the one with the lowest training objective (default: data preset)",
     )
     add("--init-probe-epochs", type=int, help=f"GMVAE epochs of each probe (default {defaults.init_probe_epochs})")
     add("--mc-samples", type=int, help=f"M, Monte Carlo samples of (x, w) (default {defaults.mc_samples})")

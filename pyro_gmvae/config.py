@@ -27,6 +27,7 @@ DATA_PRESETS = {
         lr=3e-3,  # 1e-2 collapsed seed 1 to 2 clusters; 3e-3 separates the arms for seeds 0-2
         kl_warmup=0,
         init="random",
+        init_restarts=1,
     ),
     # The best setting measured on MNIST (experiments/results/mnist.json, grid k10confident
     # at 20 epochs: 68.3 +- 8.7 % Hungarian test accuracy over 5 seeds on 2 CPU cores): VAE
@@ -46,6 +47,7 @@ DATA_PRESETS = {
         lr=1e-3,
         kl_warmup=0,
         init="vae-kmeans",
+        init_restarts=1,
     ),
     "svhn": dict(
         network="conv",
@@ -60,6 +62,7 @@ DATA_PRESETS = {
         lr=1e-4,
         kl_warmup=0,
         init="random",
+        init_restarts=1,
     ),
     # A user's .npz file: small fully connected defaults; every one can be overridden.
     "npz": dict(
@@ -75,6 +78,7 @@ DATA_PRESETS = {
         lr=1e-3,
         kl_warmup=0,
         init="random",
+        init_restarts=1,
     ),
 }
 
@@ -102,7 +106,7 @@ class Config:
     init: str | None = None  # random (PyTorch's) | vae-kmeans (pretrain a VAE, seat components on k-means)
     pretrain_epochs: int = 3  # VAE pretraining epochs of --init vae-kmeans
     pretrain_lr: float = 1e-3  # Adam learning rate of that pretraining
-    init_restarts: int = 1  # --init vae-kmeans: seat this many starts, keep the best by the probe's objective
+    init_restarts: int | None = None  # --init vae-kmeans: make this many starts, keep the best probe objective
     init_probe_epochs: int = 2  # GMVAE epochs each start trains before it is scored (restarts > 1)
     z_prior_weight: float = 1.0  # eta
     cv_weight: float | None = None  # alpha

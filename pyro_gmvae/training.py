@@ -90,6 +90,8 @@ def validate_config(config: Config) -> None:
         value = getattr(config, key)
         if not isinstance(value, int) or value < 1:
             raise UserInputError(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
+    if config.init_restarts > 1 and config.init == "random":
+        raise UserInputError("--init-restarts needs --init vae-kmeans (PyTorch's initialisation has nothing to probe)")
     for key in ("K", "x_dim", "w_dim", "hidden_dim", "epochs", "batch_size", "mc_samples"):
         value = getattr(config, key)
         if not isinstance(value, int) or value < 1:

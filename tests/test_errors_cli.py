@@ -108,6 +108,7 @@ CASES = [
     ("unknown-init", ["--init", "pca"], None, ["--init", "pca", "random", "vae-kmeans"]),
     SLOW("pretrain-epochs-zero", ["--init", "vae-kmeans", "--pretrain-epochs", "0"], None, ["--pretrain-epochs"]),
     SLOW("pretrain-lr-negative", ["--init", "vae-kmeans", "--pretrain-lr", "-1"], None, ["--pretrain-lr", "positive"]),
+    ("restarts-without-init", ["--init", "random", "--init-restarts", "3"], None, ["--init-restarts", "vae-kmeans"]),
     ("init-restarts-zero", ["--init", "vae-kmeans", "--init-restarts", "0"], None, ["--init-restarts", "positive"]),
     ("K-not-int", ["--K", "abc"], None, ["--K", "abc", "--help"]),
     ("unknown-flag", ["--clusters", "5"], None, ["--clusters", "--help"]),
