@@ -85,6 +85,16 @@ GRIDS = {
         settings=[
             _variant(hidden_dim=64, x_dim=8, w_dim=8, batch_size=50),
             _variant(hidden_dim=64, x_dim=8, w_dim=8, batch_size=50, guide="v1"),
+            _variant(
+                hidden_dim=64,
+                x_dim=8,
+                w_dim=8,
+                batch_size=50,
+                init="vae-kmeans",
+                pretrain_epochs=1,
+                init_restarts=2,
+                init_probe_epochs=1,
+            ),
         ],
         seeds=2,
         epochs=1,
@@ -230,8 +240,15 @@ def run_cell(setting: dict, seed: int, epochs: int, out: Path, args, source: Pat
     final["acc_hungarian_per_epoch"] = [round(row["acc_hungarian"], 4) for row in history]
     final["acc_paper_per_epoch"] = [round(row["acc_paper"], 4) for row in history]
     if (out / INIT_NAME).is_file():  # --init: the test metrics of the start, before epoch 1
-        start = json.loads((out / INIT_NAME).read_text())["test_at_init"]
+        record = json.loads((out / INIT_NAME).read_text())
+        start = record["test_at_init"]
         final["at_init"] = {k: start[k] for k in ("acc_paper", "acc_hungarian", "nmi") if k in start}
+        if "restarts" in record:  # --init-restarts: every start's probe score and test accuracy
+            final["chosen_start"] = record["chosen"]
+            final["starts"] = [
+                {"probe_loss": r["probe_loss"], **{k: r["test_at_init"][k] for k in ("acc_paper", "acc_hungarian")}}
+                for r in record["restarts"]
+            ]
     final["seed"] = seed
     # The machine that trained this cell (absent for cells trained before it was recorded).
     final["machine"] = json.loads((out / "machine.json").read_text()) if (out / "machine.json").is_file() else None

@@ -158,3 +158,18 @@ def test_continue_from_needs_a_shorter_finished_cell(tmp_path, capsys):
     assert "is not a finished cell" in capsys.readouterr().err
     (entry,) = json.loads((tmp_path / "mnist.json").read_text())["settings"].values()
     assert "is not a finished cell" in entry["per_seed"][0]["error"]
+
+
+@requires_mnist
+def test_restart_cells_record_every_start(tmp_path):
+    reproduce = _reproduce()
+    argv = ["--grid", "smoke", "--only", "2", "--seeds", "1", "--train-subset", "200", "--test-subset", "100"]
+    assert reproduce.main([*argv, "--results", str(tmp_path)]) == 0
+    ((name, entry),) = json.loads((tmp_path / "mnist.json").read_text())["settings"].items()
+    assert "vae-kmeans1x2p1" in name
+    (row,) = entry["per_seed"]
+    assert len(row["starts"]) == 2
+    assert all(set(s) == {"probe_loss", "acc_paper", "acc_hungarian"} for s in row["starts"])
+    chosen = row["starts"][row["chosen_start"]]
+    assert chosen["probe_loss"] == min(s["probe_loss"] for s in row["starts"])
+    assert row["at_init"]["acc_hungarian"] == chosen["acc_hungarian"]
