@@ -58,6 +58,7 @@ PAPER_BASELINES = "DEC 84.30 (K=10); AAE 90.45 +- 2.05 (K=16), 95.90 +- 1.13 (K=
 BASE = dict(
     data="mnist",
     network="fc",
+    likelihood="bernoulli",
     hidden_dim=500,
     x_dim=200,
     w_dim=150,
@@ -72,6 +73,8 @@ BASE = dict(
     kl_warmup=0,
     init="random",
     pretrain_epochs=3,
+    init_restarts=1,  # every field set here: the mnist preset's own choices must not leak in
+    init_probe_epochs=2,
 )
 
 

@@ -173,3 +173,11 @@ def test_restart_cells_record_every_start(tmp_path):
     chosen = row["starts"][row["chosen_start"]]
     assert chosen["probe_loss"] == min(s["probe_loss"] for s in row["starts"])
     assert row["at_init"]["acc_hungarian"] == chosen["acc_hungarian"]
+
+
+def test_grid_settings_fix_every_preset_option():
+    """A grid cell must not change when DATA_PRESETS["mnist"] does (its epochs come from the grid)."""
+    from pyro_gmvae.config import DATA_PRESETS
+
+    reproduce = _reproduce()
+    assert set(DATA_PRESETS["mnist"]) - {"epochs"} <= set(reproduce.BASE)
