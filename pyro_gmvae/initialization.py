@@ -26,6 +26,7 @@ not fitted to the k-means partition: it starts from PyTorch's initialisation.  T
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from pyro import distributions as dist
@@ -170,7 +171,7 @@ def probe_start(
     The copy trains with the full objective (no KL warm-up) and a fresh Adam at ``lr``.
     Returns ``loss``, the mean training objective per example (nats, lower is better) on
     the first ``score_points`` training examples after the probe, and ``cluster_entropy``,
-    the mean entropy of r(z) = p(z | x, w) there.
+    the mean entropy of r(z) = p(z | x, w) there.  A probe that diverges scores ``inf``.
     """
     model, guide = copy.deepcopy(model), copy.deepcopy(guide)
     loss_fn = make_elbo(num_particles)(model, guide)
@@ -178,16 +179,23 @@ def probe_start(
     num_train = len(x_train)
     steps = num_train // batch_size
     bar = tqdm(total=epochs * steps, disable=not progress, desc="probe of a start", unit="step", mininterval=0.5)
-    for _ in range(epochs):
-        model.train()
-        guide.train()
-        perm = torch.randperm(num_train, generator=generator).to(x_train.device)
-        for step in range(steps):
-            loss = loss_fn(x_train[perm[step * batch_size : (step + 1) * batch_size]]) / batch_size
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.update()
-    bar.close()
-    terms = elbo_terms_dataset(model, guide, x_train[:score_points], num_particles)
-    return {"loss": float(terms["loss"].mean()), "cluster_entropy": float(terms["cv"].mean())}
+    try:
+        for _ in range(epochs):
+            model.train()
+            guide.train()
+            perm = torch.randperm(num_train, generator=generator).to(x_train.device)
+            for step in range(steps):
+                loss = loss_fn(x_train[perm[step * batch_size : (step + 1) * batch_size]]) / batch_size
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bar.update()
+        terms = elbo_terms_dataset(model, guide, x_train[:score_points], num_particles)
+    except ValueError as err:  # Pyro's validation of NaN parameters: the probe diverged
+        if "found invalid values" not in str(err):
+            raise
+        return {"loss": math.inf, "cluster_entropy": math.nan}
+    finally:
+        bar.close()
+    score = float(terms["loss"].mean())
+    return {"loss": score if math.isfinite(score) else math.inf, "cluster_entropy": float(terms["cv"].mean())}

@@ -256,15 +256,19 @@ def initialize(
                 shuffle,
                 progress=progress,
             )
-            if not math.isfinite(probe["loss"]):
-                raise NonFiniteLossError(f"the probe of start {restart} diverged; lower --lr")
-            record.update(probe_loss=probe["loss"], probe_cluster_entropy=probe["cluster_entropy"])
-            if best is None or probe["loss"] < records[best]["probe_loss"]:
+            finite = math.isfinite(probe["loss"])  # a diverged probe (inf) is never kept
+            record.update(
+                probe_loss=probe["loss"] if finite else None,  # None: diverged (JSON has no inf)
+                probe_cluster_entropy=probe["cluster_entropy"] if finite else None,
+            )
+            if finite and (best is None or probe["loss"] < records[best]["probe_loss"]):
                 best = restart
                 best_state = copy.deepcopy((m.state_dict(), g.state_dict()))
         record["test_at_init"] = evaluate(m, g, data)
         records.append(record)
         logger.info("start %d of %d: %s", restart + 1, restarts, record)
+    if restarts > 1 and best is None:
+        raise NonFiniteLossError(f"the probes of all {restarts} starts diverged; lower --lr")
     if best:  # start 0 was made in model and guide themselves; the probe trained copies
         model.load_state_dict(best_state[0])
         guide.load_state_dict(best_state[1])

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from pyro_gmvae import Config, train
 from pyro_gmvae.build import build_model_and_guide
-from pyro_gmvae.errors import UserInputError
+from pyro_gmvae.errors import NonFiniteLossError, UserInputError
 from pyro_gmvae.initialization import pretrain_vae, probe_start, seat_components
 from pyro_gmvae.networks import SCALE_FLOOR
 
@@ -180,3 +180,29 @@ def test_one_restart_runs_no_probe(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "probe_start", lambda *a, **k: pytest.fail("probe with one start"))
     train(Config(out=str(tmp_path / "r"), epochs=1, init="vae-kmeans", pretrain_epochs=1, **SMALL), make_figures=False)
     assert "restarts" not in json.loads((tmp_path / "r" / "init.json").read_text())
+
+
+def test_a_diverged_probe_scores_inf():
+    torch.manual_seed(3)
+    model, guide = _model_and_guide()
+    y, _ = _blobs()
+    seat_components(model, guide, y, seed=0)
+    y[::7] = float("nan")
+    score = probe_start(model, guide, y, epochs=1, batch_size=50, lr=1e-3, num_particles=1, generator=torch.Generator())
+    assert score["loss"] == float("inf")
+
+
+def test_diverged_starts_are_never_kept(tmp_path, monkeypatch):
+    import pyro_gmvae.training as training
+
+    inf = float("inf")
+    scores = iter([inf, 2.0, inf])
+    monkeypatch.setattr(training, "probe_start", lambda *a, **k: {"loss": next(scores), "cluster_entropy": 0.5})
+    config = dict(epochs=1, init="vae-kmeans", pretrain_epochs=1, init_restarts=3, **SMALL)
+    train(Config(out=str(tmp_path / "r"), **config), make_figures=False)
+    record = json.loads((tmp_path / "r" / "init.json").read_text())
+    assert record["chosen"] == 1 and [r["probe_loss"] for r in record["restarts"]] == [None, 2.0, None]
+
+    monkeypatch.setattr(training, "probe_start", lambda *a, **k: {"loss": inf, "cluster_entropy": float("nan")})
+    with pytest.raises(NonFiniteLossError, match="all 3 starts diverged"):
+        train(Config(out=str(tmp_path / "all"), **config), make_figures=False)
