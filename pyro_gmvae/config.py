@@ -133,6 +133,8 @@ class Config:
         for key, default in preset.items():
             if values.get(key) is None:
                 values[key] = default
+        if self.init_restarts is None and values["init"] == "random":
+            values["init_restarts"] = 1  # a preset's restarts go with its --init vae-kmeans
         return Config(**values)
 
     def to_dict(self) -> dict:

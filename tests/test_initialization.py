@@ -206,3 +206,10 @@ def test_diverged_starts_are_never_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "probe_start", lambda *a, **k: {"loss": inf, "cluster_entropy": float("nan")})
     with pytest.raises(NonFiniteLossError, match="all 3 starts diverged"):
         train(Config(out=str(tmp_path / "all"), **config), make_figures=False)
+
+
+def test_the_mnist_presets_restarts_go_with_its_init():
+    assert Config(data="mnist").resolved().init_restarts == 4
+    assert Config(data="mnist", init="random").resolved().init_restarts == 1  # no error: nothing to restart
+    assert Config(data="mnist", init="random", init_restarts=3).resolved().init_restarts == 3  # refused by train
+    assert Config(data="spiral", init="vae-kmeans").resolved().init_restarts == 1
