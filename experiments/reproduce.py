@@ -9,12 +9,12 @@
 Every (setting, seed) cell trains into its own run folder
 ``experiments/results/runs/<grid>/<setting>-e<epochs>-s<seed>`` through ``pyro_gmvae.train``; a cell
 whose ``metrics.json`` exists is read, not retrained, and one with only a checkpoint is
-resumed, so an interrupted benchmark continues where it stopped.  ``--continue-from E`` starts
-each new cell as a copy of the finished E-epoch cell of the same setting and seed and
-resumes it: with a constant learning rate that is the same run as one trained from scratch.  Results are merged into
-``experiments/results/mnist.json`` (per setting: every seed's final test metrics and
-mean, std, best and worst over seeds) and rendered into ``mnist.md`` beside the paper's
-table (DESIGN.md section 7).  Metrics are those of the last epoch: no test-set early
+resumed, so an interrupted benchmark continues where it stopped.  ``--continue-from E``
+starts each new cell as a copy of the finished E-epoch cell of the same setting and seed
+and resumes it: with a constant learning rate that is the same run as one trained from
+scratch.  Results are merged into ``experiments/results/mnist.json`` (per setting: every
+seed's final test metrics and mean, std, best and worst over seeds) and rendered into
+``mnist.md`` beside the paper's table (DESIGN.md section 7).  Metrics are those of the last epoch: no test-set early
 stopping.
 """
 
