@@ -41,6 +41,14 @@ from pyro_gmvae.posterior import elbo_terms_dataset
 INITS = ("random", "vae-kmeans")
 
 
+def _epoch_batches(x_train: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """One epoch of minibatches in the order ``generator`` shuffles; the ragged last batch is
+    dropped (BatchNorm needs more than one example)."""
+    perm = torch.randperm(len(x_train), generator=generator).to(x_train.device)
+    for step in range(len(x_train) // batch_size):
+        yield x_train[perm[step * batch_size : (step + 1) * batch_size]]
+
+
 def pretrain_vae(
     model,
     guide,
@@ -68,15 +76,12 @@ def pretrain_vae(
     optimizer = torch.optim.Adam(params, lr=lr)
     model.train()
     guide.train()
-    num_train = len(x_train)
-    steps = num_train // batch_size  # drop the ragged last batch: BatchNorm needs > 1
+    steps = len(x_train) // batch_size
     losses = []
     bar = tqdm(total=epochs * steps, disable=not progress, desc="VAE pretraining", unit="step", mininterval=0.5)
     for _ in range(epochs):
-        perm = torch.randperm(num_train, generator=generator).to(x_train.device)
         total = torch.zeros((), device=x_train.device)
-        for step in range(steps):
-            y = x_train[perm[step * batch_size : (step + 1) * batch_size]]
+        for y in _epoch_batches(x_train, batch_size, generator):
             q = encoder(y)
             q_x = dist.Normal(q["x_loc"], q["x_scale"]).to_event(1)
             x = q_x.rsample()
@@ -176,16 +181,14 @@ def probe_start(
     model, guide = copy.deepcopy(model), copy.deepcopy(guide)
     loss_fn = make_elbo(num_particles)(model, guide)
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=lr)
-    num_train = len(x_train)
-    steps = num_train // batch_size
+    model.train()
+    guide.train()
+    steps = len(x_train) // batch_size
     bar = tqdm(total=epochs * steps, disable=not progress, desc="probe of a start", unit="step", mininterval=0.5)
     try:
         for _ in range(epochs):
-            model.train()
-            guide.train()
-            perm = torch.randperm(num_train, generator=generator).to(x_train.device)
-            for step in range(steps):
-                loss = loss_fn(x_train[perm[step * batch_size : (step + 1) * batch_size]]) / batch_size
+            for y in _epoch_batches(x_train, batch_size, generator):
+                loss = loss_fn(y) / batch_size
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -8,7 +8,6 @@ an atomic checkpoint that holds everything needed to resume bit-for-bit on CPU.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -234,7 +233,7 @@ def initialize(
     restarts = config.init_restarts
     if restarts > 1 and build is None:
         raise ValueError("initialize: init_restarts > 1 needs build()")
-    records, best, best_state = [], None, None
+    records, best, best_pair = [], None, None
     for restart in range(restarts):
         m, g = (model, guide) if restart == 0 else build()
         losses = pretrain_vae(
@@ -262,16 +261,15 @@ def initialize(
                 probe_cluster_entropy=probe["cluster_entropy"] if finite else None,
             )
             if finite and (best is None or probe["loss"] < records[best]["probe_loss"]):
-                best = restart
-                best_state = copy.deepcopy((m.state_dict(), g.state_dict()))
+                best, best_pair = restart, (m, g)  # the seated start: the probe trained copies
         record["test_at_init"] = evaluate(m, g, data)
         records.append(record)
         logger.info("start %d of %d: %s", restart + 1, restarts, record)
     if restarts > 1 and best is None:
         raise NonFiniteLossError(f"the probes of all {restarts} starts diverged; lower --lr")
-    if best:  # start 0 was made in model and guide themselves; the probe trained copies
-        model.load_state_dict(best_state[0])
-        guide.load_state_dict(best_state[1])
+    if best:  # start 0 was made in model and guide themselves
+        model.load_state_dict(best_pair[0].state_dict())
+        guide.load_state_dict(best_pair[1].state_dict())
     chosen = records[best or 0]
     out = {
         "init": config.init,
