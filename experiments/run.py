@@ -60,13 +60,28 @@ def parser() -> argparse.ArgumentParser:
     add("--lr", type=float, help="Adam learning rate (default: data preset)")
     add("--lr-final", type=float, help="decay the learning rate to this by the last epoch (cosine); default: constant")
     add("--kl-warmup", type=int, help="epochs over which the KL terms' weight rises linearly to 1 (default 0: off)")
-    add("--init", help="random, or vae-kmeans: pretrain a VAE, seat the components on k-means (default: data preset)")
-    add("--pretrain-epochs", type=int, help=f"VAE epochs of --init vae-kmeans (default {defaults.pretrain_epochs})")
-    add("--pretrain-lr", type=float, help=f"Adam learning rate of that pretraining (default {defaults.pretrain_lr:g})")
+    add(
+        "--init",
+        help="random; vae-kmeans: pretrain a VAE, seat the components on k-means of its latent means; "
+        "vae-umap: the same with k-means on a UMAP embedding of them (default: data preset)",
+    )
+    add("--pretrain-epochs", type=int, help=f"VAE epochs of --init vae-* (default {defaults.pretrain_epochs})")
+    add(
+        "--pretrain-lr",
+        type=float,
+        help=f"Adam learning rate of that pretraining and of the fit (default {defaults.pretrain_lr:g})",
+    )
+    add(
+        "--init-fit-epochs",
+        type=int,
+        help="--init vae-*: train the seated GMVAE this many epochs on its objective plus --init-fit-weight x "
+        "the cross-entropy to the partition before training (default: data preset; 0 = off)",
+    )
+    add("--init-fit-weight", type=float, help=f"weight of that cross-entropy (default {defaults.init_fit_weight:g})")
     add(
         "--init-restarts",
         type=int,
-        help="--init vae-kmeans: pretrain and seat this many starts, train each for --init-probe-epochs, "
+        help="--init vae-*: pretrain and seat this many starts, train each for --init-probe-epochs, "
         "keep the one with the lowest training objective (default: data preset)",
     )
     add("--init-probe-epochs", type=int, help=f"GMVAE epochs of each probe (default {defaults.init_probe_epochs})")

@@ -28,6 +28,7 @@ DATA_PRESETS = {
         kl_warmup=0,
         init="random",
         init_restarts=1,
+        init_fit_epochs=0,
     ),
     # The best setting measured on MNIST (experiments/results/mnist.json, grid k10restarts
     # at 40 epochs, 5 seeds on 2 CPU cores; the README's MNIST table): VAE pretraining and
@@ -49,6 +50,7 @@ DATA_PRESETS = {
         kl_warmup=0,
         init="vae-kmeans",
         init_restarts=4,
+        init_fit_epochs=0,
     ),
     "svhn": dict(
         network="conv",
@@ -64,6 +66,7 @@ DATA_PRESETS = {
         kl_warmup=0,
         init="random",
         init_restarts=1,
+        init_fit_epochs=0,
     ),
     # A user's .npz file: small fully connected defaults; every one can be overridden.
     "npz": dict(
@@ -80,6 +83,7 @@ DATA_PRESETS = {
         kl_warmup=0,
         init="random",
         init_restarts=1,
+        init_fit_epochs=0,
     ),
 }
 
@@ -104,11 +108,13 @@ class Config:
     lr_final: float | None = None  # cosine decay from lr to this by the last epoch; None = constant
     mc_samples: int = 1  # M, particles of (x, w) per example
     kl_warmup: int | None = None  # epochs over which the KL terms' weight rises linearly to 1; 0 = off
-    init: str | None = None  # random (PyTorch's) | vae-kmeans (pretrain a VAE, seat components on k-means)
-    pretrain_epochs: int = 3  # VAE pretraining epochs of --init vae-kmeans
-    pretrain_lr: float = 1e-3  # Adam learning rate of that pretraining
-    init_restarts: int | None = None  # --init vae-kmeans: make this many starts, keep the best probe objective
+    init: str | None = None  # random (PyTorch's) | vae-kmeans | vae-umap (pretrained VAE, components on a partition)
+    pretrain_epochs: int = 3  # VAE pretraining epochs of --init vae-*
+    pretrain_lr: float = 1e-3  # Adam learning rate of that pretraining and of the fit to the partition
+    init_restarts: int | None = None  # --init vae-*: make this many starts, keep the best probe objective
     init_probe_epochs: int = 2  # GMVAE epochs each start trains before it is scored (restarts > 1)
+    init_fit_epochs: int | None = None  # epochs the seated start trains towards its partition; 0 = off
+    init_fit_weight: float = 10.0  # weight of the cross-entropy to the partition in that fit
     z_prior_weight: float = 1.0  # eta
     cv_weight: float | None = None  # alpha
     free_bits: float = 0.0  # lambda; 0 = off
@@ -133,8 +139,10 @@ class Config:
         for key, default in preset.items():
             if values.get(key) is None:
                 values[key] = default
-        if self.init_restarts is None and values["init"] == "random":
-            values["init_restarts"] = 1  # a preset's restarts go with its --init vae-kmeans
+        if values["init"] == "random":  # a preset's restarts and fit go with its --init vae-*
+            for key, off in (("init_restarts", 1), ("init_fit_epochs", 0)):
+                if getattr(self, key) is None:
+                    values[key] = off
         return Config(**values)
 
     def to_dict(self) -> dict:

@@ -1,26 +1,36 @@
-"""Initialising the mixture from a pretrained VAE (``--init vae-kmeans``).
+"""Initialising the mixture from a pretrained VAE (``--init vae-kmeans`` or ``vae-umap``).
 
 The recipe of VaDE (Jiang et al. 2017), adapted to the GMVAE:
 
 1. pretrain the x-path alone, encoder trunk, q(x|y) heads and decoder, as a plain VAE with
    p(x) = N(0, I) (:func:`pretrain_vae`);
-2. cluster the posterior means of x for the training set with k-means;
-3. seat the K components of p(x | z, w) on the k-means clusters: each component's location
+2. partition the posterior means of x for the training set into K clusters
+   (:func:`partition_latents`): k-means on the means themselves (``vae-kmeans``), or
+   k-means on a 10-dimensional UMAP embedding of them (``vae-umap``, the recipe of N2D,
+   McConville et al. 2020), which follows the curved manifolds a Gaussian cluster cannot;
+3. seat the K components of p(x | z, w) on the clusters: each component's location
    becomes its cluster's centroid and its scale the cluster's spread of x under q
    (the moment-matched Gaussian), while the prior network's weights are shrunk so that w
    starts with little influence, and q(w | y) is set to the prior N(0, I)
-   (:func:`seat_components`).
+   (:func:`seat_components`);
+4. with ``--init-fit-epochs F`` (F > 0), fit the seated GMVAE to the partition for F epochs
+   over the clustered examples: the GMVAE objective plus ``--init-fit-weight`` times the
+   cross-entropy between the model's cluster posterior and the cluster of each example
+   (:func:`fit_to_partition`).  Seating alone moves a curved UMAP cluster into one
+   Gaussian badly; the fit reshapes q(x | y) so that the mixture holds the partition.
 
 With ``--init-restarts R`` (R > 1) this is done R times, each with its own network
-initialisation, data order and k-means seed; each seated start then trains a copy of
-itself for ``--init-probe-epochs`` GMVAE epochs (:func:`probe_start`) and is scored by the
-training objective on a fixed set of training examples.  The start (the seated state, not
-the probed copy) with the lowest objective is kept.  No labels are used: like k-means'
-own restarts, the restarts are ranked by the objective being optimised.
+initialisation, data order and clustering seed; each start then trains a copy of itself
+for ``--init-probe-epochs`` GMVAE epochs (:func:`probe_start`) and is scored by the
+training objective on a fixed set of training examples.  The start (the state before the
+probe, not the probed copy) with the lowest objective is kept.  No labels are used
+anywhere: like k-means' own restarts, the restarts are ranked by the objective being
+optimised, and the partition comes from the data alone.
 
-Training then proceeds as usual from this start.  The v1 guide's cluster head q(z | y) is
-not fitted to the k-means partition: it starts from PyTorch's initialisation.  The default
-(``--init random``) skips all of this and uses PyTorch's initialisation throughout.
+Training then proceeds as usual from this start, with the plain GMVAE objective.  Without
+the fit, the v1 guide's cluster head q(z | y) is not fitted to the partition: it starts
+from PyTorch's initialisation.  The default (``--init random``) skips all of this and uses
+PyTorch's initialisation throughout.
 """
 
 from __future__ import annotations
@@ -38,7 +48,11 @@ from pyro_gmvae.networks import SCALE_FLOOR
 from pyro_gmvae.objective import make_elbo
 from pyro_gmvae.posterior import elbo_terms_dataset
 
-INITS = ("random", "vae-kmeans")
+INITS = ("random", "vae-kmeans", "vae-umap")
+# How each --init partitions the latent means (the clustering of step 2 above).
+PARTITIONS = {"vae-kmeans": "kmeans", "vae-umap": "umap"}
+UMAP_DIM = 10  # N2D's embedding size; enough to keep MNIST's ten manifolds apart
+UMAP_NEIGHBOURS = 15
 
 
 def _epoch_batches(x_train: torch.Tensor, batch_size: int, generator: torch.Generator):
@@ -102,40 +116,84 @@ def _inverse_softplus(t: torch.Tensor) -> torch.Tensor:
     return t + torch.log(-torch.expm1(-t))  # log(exp(t) - 1), stable for large t
 
 
+def partition_latents(loc: torch.Tensor, num_clusters: int, seed: int, method: str = "kmeans") -> dict:
+    """Partition latent means ``loc`` (N, Dx) into ``num_clusters`` clusters.
+
+    ``method``: ``"kmeans"`` (k-means on ``loc``, 10 restarts) or ``"umap"`` (k-means on a
+    :data:`UMAP_DIM`-dimensional UMAP embedding of ``loc``, min_dist 0, seeded, one thread,
+    so the same seed gives the same partition).  Returns ``labels`` (N,) int64 and
+    ``inertia``, the k-means objective in the space it ran in.
+    """
+    from sklearn.cluster import KMeans
+
+    if len(loc) < num_clusters:
+        raise UserInputError(f"--init needs at least K={num_clusters} training examples to cluster, got {len(loc)}")
+    points = loc.double().cpu().numpy()
+    if method == "umap":
+        if len(loc) <= UMAP_DIM + 1:
+            raise UserInputError(f"--init vae-umap needs more than {UMAP_DIM + 1} training examples, got {len(loc)}")
+        try:
+            import umap
+        except ImportError:  # pragma: no cover - a declared dependency
+            raise UserInputError("--init vae-umap needs umap-learn: pip install umap-learn") from None
+        import warnings
+
+        reducer = umap.UMAP(
+            n_components=UMAP_DIM,
+            n_neighbors=min(UMAP_NEIGHBOURS, len(loc) - 1),
+            min_dist=0.0,
+            random_state=seed,
+            n_jobs=1,
+        )
+        with warnings.catch_warnings():  # "n_jobs overridden by random_state" and friends
+            warnings.simplefilter("ignore")
+            points = reducer.fit_transform(points)
+    elif method != "kmeans":
+        raise ValueError(f"unknown partition method {method!r}")
+    kmeans = KMeans(num_clusters, n_init=10, random_state=seed).fit(points)
+    return {"labels": torch.as_tensor(kmeans.labels_, dtype=torch.long), "inertia": float(kmeans.inertia_)}
+
+
 @torch.no_grad()
-def seat_components(model, guide, x_train: torch.Tensor, seed: int, max_points: int = 20000, shrink: float = 0.1):
-    """Put the K components of p(x | z, w) on the k-means clusters of q(x|y)'s means.
+def seat_components(
+    model,
+    guide,
+    x_train: torch.Tensor,
+    seed: int,
+    max_points: int = 20000,
+    shrink: float = 0.1,
+    method: str = "kmeans",
+):
+    """Put the K components of p(x | z, w) on a partition of q(x|y)'s means.
 
     Parameters
     ----------
     model, guide
         A GMVAE and its guide; the guide's ``encoder`` gives q(x | y).
     x_train : Tensor
-        Training examples; the first ``max_points`` are encoded and clustered.
+        Training examples; the first ``max_points`` are encoded and partitioned.
     seed : int
-        k-means seed.
+        Seed of the partition (k-means, UMAP).
     shrink : float
         Factor on the prior network's head weights, so that mu_k(w) and sigma_k(w) start
         close to the seated values for any w.
+    method : str
+        ``"kmeans"`` or ``"umap"``, see :func:`partition_latents`.
 
     Returns
     -------
     dict
-        ``assignments`` (k-means cluster of each clustered example, int64 tensor),
+        ``assignments`` (cluster of each partitioned example, int64 tensor on the CPU),
         ``inertia`` (k-means objective).
     """
-    from sklearn.cluster import KMeans
-
     num_clusters = model.prior.num_clusters
     guide.eval()
     y = x_train[:max_points]
     q = [guide.encode(y[i : i + 1000]) for i in range(0, len(y), 1000)]
     loc = torch.cat([b["x_loc"] for b in q])
     var = torch.cat([b["x_scale"] for b in q]) ** 2
-    if len(loc) < num_clusters:
-        raise UserInputError(f"--init vae-kmeans needs at least K={num_clusters} training examples, got {len(loc)}")
-    kmeans = KMeans(num_clusters, n_init=10, random_state=seed).fit(loc.double().cpu().numpy())
-    labels = torch.as_tensor(kmeans.labels_, dtype=torch.long, device=loc.device)
+    partition = partition_latents(loc, num_clusters, seed, method)
+    labels = partition["labels"].to(loc.device)
     onehot = torch.nn.functional.one_hot(labels, num_clusters).to(loc.dtype)  # (N, K)
     counts = onehot.sum(0)[:, None]  # (K, 1); k-means leaves no cluster empty
     centroids = onehot.T @ loc / counts  # (K, Dx)
@@ -156,7 +214,63 @@ def seat_components(model, guide, x_train: torch.Tensor, seed: int, max_points: 
     network.loc_head.bias.copy_(centroids.reshape(-1))
     network.scale_head.weight.mul_(shrink)
     network.scale_head.bias.copy_(_inverse_softplus(scale - SCALE_FLOOR).reshape(-1))
-    return {"assignments": labels.cpu(), "inertia": float(kmeans.inertia_)}
+    return {"assignments": partition["labels"], "inertia": partition["inertia"]}
+
+
+def cluster_log_probs(model, guide, q: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The cluster posterior the model assigns with, differentiable, shape (B, K).
+
+    v2 guide: log p(z | x, w) at the posterior means of q(x|y) and q(w|y); v1 guide: the
+    cluster head's log q(z | y).  ``q`` is the output of ``guide.encode``.
+    """
+    if guide.cluster_posterior == "guide":
+        return torch.log_softmax(q["z_logits"], -1)
+    return model.cluster_log_posterior(q["x_loc"], q["w_loc"])
+
+
+def fit_to_partition(
+    model,
+    guide,
+    x_points: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight: float,
+    num_particles: int,
+    generator: torch.Generator,
+    progress: bool = False,
+) -> dict:
+    """Train the whole GMVAE on its objective plus ``weight`` x the cross-entropy to ``labels``.
+
+    ``x_points`` (N, ...) are the partitioned examples and ``labels`` (N,) their clusters.
+    Uses its own Adam optimiser at ``lr`` and shuffles with ``generator``.  Returns the
+    mean loss (the GMVAE objective, nats per example) and the mean cross-entropy of each
+    epoch.
+    """
+    loss_fn = make_elbo(num_particles)(model, guide)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=lr)
+    model.train()
+    guide.train()
+    labels = labels.to(x_points.device)
+    steps = len(x_points) // batch_size
+    record = {"loss": [], "cross_entropy": []}
+    bar = tqdm(total=epochs * steps, disable=not progress, desc="fit to the partition", unit="step", mininterval=0.5)
+    for _ in range(epochs):
+        totals = torch.zeros(2, device=x_points.device)
+        for idx in _epoch_batches(torch.arange(len(x_points), device=x_points.device), batch_size, generator):
+            y = x_points[idx]
+            elbo_loss = loss_fn(y) / len(y)
+            cross_entropy = torch.nn.functional.nll_loss(cluster_log_probs(model, guide, guide.encode(y)), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            (elbo_loss + weight * cross_entropy).backward()
+            optimizer.step()
+            totals += torch.stack([elbo_loss.detach(), cross_entropy.detach()])
+            bar.update()
+        record["loss"].append(totals[0].item() / steps)
+        record["cross_entropy"].append(totals[1].item() / steps)
+    bar.close()
+    return record
 
 
 def probe_start(

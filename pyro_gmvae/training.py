@@ -29,7 +29,7 @@ from pyro_gmvae.build import CHOICES, build_model_and_guide
 from pyro_gmvae.config import Config
 from pyro_gmvae.data import DATASETS, Dataset, load_dataset, validate_dataset
 from pyro_gmvae.errors import NonFiniteLossError, UserInputError
-from pyro_gmvae.initialization import INITS, pretrain_vae, probe_start, seat_components
+from pyro_gmvae.initialization import INITS, PARTITIONS, fit_to_partition, pretrain_vae, probe_start, seat_components
 from pyro_gmvae.likelihoods import LIKELIHOODS
 from pyro_gmvae.metrics import clustering_metrics
 from pyro_gmvae.networks import CONV_LAYOUTS
@@ -89,8 +89,17 @@ def validate_config(config: Config) -> None:
         value = getattr(config, key)
         if not isinstance(value, int) or value < 1:
             raise UserInputError(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
-    if config.init_restarts > 1 and config.init == "random":
-        raise UserInputError("--init-restarts needs --init vae-kmeans (PyTorch's initialisation has nothing to probe)")
+    if not isinstance(config.init_fit_epochs, int) or config.init_fit_epochs < 0:
+        raise UserInputError(f"--init-fit-epochs must be an integer >= 0, got {config.init_fit_epochs}")
+    if not isinstance(config.init_fit_weight, (int, float)) or not config.init_fit_weight >= 0:
+        raise UserInputError(f"--init-fit-weight must be a number >= 0, got {config.init_fit_weight}")
+    if config.init == "random":
+        for key, off in (("init_restarts", 1), ("init_fit_epochs", 0)):
+            if getattr(config, key) != off:
+                flag = "--" + key.replace("_", "-")
+                raise UserInputError(
+                    f"{flag} needs --init vae-kmeans or vae-umap (PyTorch's initialisation has no partition)"
+                )
     for key in ("K", "x_dim", "w_dim", "hidden_dim", "epochs", "batch_size", "mc_samples"):
         value = getattr(config, key)
         if not isinstance(value, int) or value < 1:
@@ -217,17 +226,18 @@ def initialize(
     progress: bool,
     build=None,
 ) -> dict:
-    """``--init vae-kmeans``: pretrain the x-path as a VAE, seat the components on k-means.
+    """``--init vae-kmeans|vae-umap``: pretrain the x-path as a VAE, seat the components on a
+    partition of its latent means, and with ``config.init_fit_epochs`` > 0 fit the GMVAE to it.
 
     With ``config.init_restarts`` R > 1, R starts are made (the first from ``model`` and
     ``guide`` as given, the others from ``build()``, which returns a fresh model and guide on
     the training device), each is probed (:func:`~pyro_gmvae.initialization.probe_start`)
     and the one with the lowest objective is loaded into ``model`` and ``guide``.
 
-    Returns the record written to ``init.json``: pretraining losses, the k-means objective
-    and the test metrics of the kept start before any GMVAE training, and with R > 1 one
-    such record per start (with its probe score; the test metrics there are reported, never
-    used to choose).  ``x_train`` is ``data.x`` already on the training device.
+    Returns the record written to ``init.json``: pretraining losses, the k-means objective,
+    the fit's losses and cross-entropies, and the test metrics of the kept start before any
+    GMVAE training, and with R > 1 one such record per start (with its probe score; the test
+    metrics there are reported, never used to choose).  ``x_train`` is ``data.x`` already on the training device.
     """
     t0 = time.perf_counter()
     restarts = config.init_restarts
@@ -241,8 +251,24 @@ def initialize(
         )
         if not all(math.isfinite(v) for v in losses):
             raise NonFiniteLossError(f"VAE pretraining diverged (losses per epoch {losses}); lower --pretrain-lr")
-        seated = seat_components(m, g, x_train, config.seed + restart)
+        seated = seat_components(m, g, x_train, config.seed + restart, method=PARTITIONS[config.init])
         record = {"pretrain_loss": losses, "kmeans_inertia": seated["inertia"]}
+        if config.init_fit_epochs > 0:
+            record["fit"] = fit_to_partition(
+                m,
+                g,
+                x_train[: len(seated["assignments"])],
+                seated["assignments"],
+                config.init_fit_epochs,
+                config.batch_size,
+                config.pretrain_lr,
+                config.init_fit_weight,
+                config.mc_samples,
+                shuffle,
+                progress=progress,
+            )
+            if not all(math.isfinite(v) for v in record["fit"]["loss"]):
+                raise NonFiniteLossError(f"the fit to the partition diverged ({record['fit']}); lower --pretrain-lr")
         if restarts > 1:
             probe = probe_start(
                 m,
@@ -277,6 +303,9 @@ def initialize(
         "pretrain_lr": config.pretrain_lr,
         "pretrain_loss": chosen["pretrain_loss"],
         "kmeans_inertia": chosen["kmeans_inertia"],
+        "fit_epochs": config.init_fit_epochs,
+        "fit_weight": config.init_fit_weight,
+        "fit": chosen.get("fit"),
         "seconds": time.perf_counter() - t0,
         "test_at_init": chosen["test_at_init"],
     }

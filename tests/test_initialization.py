@@ -1,4 +1,4 @@
-"""``--init vae-kmeans``: VAE pretraining of the x-path, then components seated on k-means."""
+"""``--init vae-kmeans|vae-umap``: VAE pretraining of the x-path, components seated on a partition."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from torch.nn import functional as F
 from pyro_gmvae import Config, train
 from pyro_gmvae.build import build_model_and_guide
 from pyro_gmvae.errors import NonFiniteLossError, UserInputError
-from pyro_gmvae.initialization import pretrain_vae, probe_start, seat_components
+from pyro_gmvae.initialization import (
+    cluster_log_probs,
+    fit_to_partition,
+    partition_latents,
+    pretrain_vae,
+    probe_start,
+    seat_components,
+)
 from pyro_gmvae.networks import SCALE_FLOOR
 
 SMALL = dict(data="spiral", train_subset=600, test_subset=200, seed=2, progress=False)
@@ -213,3 +220,85 @@ def test_the_mnist_presets_restarts_go_with_its_init():
     assert Config(data="mnist", init="random").resolved().init_restarts == 1  # no error: nothing to restart
     assert Config(data="mnist", init="random", init_restarts=3).resolved().init_restarts == 3  # refused by train
     assert Config(data="spiral", init="vae-kmeans").resolved().init_restarts == 1
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of pairs of examples on which two partitions agree (same or different cluster)."""
+    same_a, same_b = a[:, None] == a[None, :], b[:, None] == b[None, :]
+    return (same_a == same_b).float().mean().item()
+
+
+def test_umap_partition_follows_curved_clusters_that_kmeans_cuts():
+    from sklearn.datasets import make_moons
+
+    points, moon = make_moons(400, noise=0.04, random_state=0)
+    loc = torch.as_tensor(np.hstack([points, np.zeros((400, 2))]), dtype=torch.float32)  # a 4-D latent
+    moon = torch.as_tensor(moon)
+    kmeans = partition_latents(loc, 2, seed=0, method="kmeans")
+    umap = partition_latents(loc, 2, seed=0, method="umap")
+    assert _agreement(kmeans["labels"], moon) < 0.8  # k-means cuts both moons across
+    assert _agreement(umap["labels"], moon) > 0.99
+    again = partition_latents(loc, 2, seed=0, method="umap")
+    assert torch.equal(again["labels"], umap["labels"]) and again["inertia"] == umap["inertia"]
+
+
+def test_partition_refuses_too_few_examples_and_unknown_methods():
+    with pytest.raises(UserInputError, match="at least K=3"):
+        partition_latents(torch.randn(2, 4), 3, seed=0)
+    with pytest.raises(UserInputError, match="more than 11"):
+        partition_latents(torch.randn(8, 4), 3, seed=0, method="umap")
+    with pytest.raises(ValueError, match="unknown partition"):
+        partition_latents(torch.randn(20, 4), 3, seed=0, method="dbscan")
+
+
+@pytest.mark.parametrize("guide_name", ["v2", "v1"])
+def test_fit_teaches_the_cluster_posterior_a_partition(guide_name):
+    torch.manual_seed(0)
+    config = Config(data="x.npz", K=3, x_dim=4, w_dim=3, hidden_dim=16, guide=guide_name).resolved()
+    model, guide = build_model_and_guide(config, (6,))
+    y, blob = _blobs()
+    target = (blob + 1) % 3  # any relabelling of the blobs: the fit must learn this one
+    guide.eval()
+    before = (cluster_log_probs(model, guide, guide.encode(y)).argmax(-1) == target).float().mean()
+    record = fit_to_partition(
+        model,
+        guide,
+        y,
+        target,
+        epochs=8,
+        batch_size=50,
+        lr=1e-2,
+        weight=10.0,
+        num_particles=1,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert len(record["loss"]) == len(record["cross_entropy"]) == 8
+    assert record["cross_entropy"][-1] < 0.1 * record["cross_entropy"][0]
+    guide.eval()
+    model.eval()
+    after = (cluster_log_probs(model, guide, guide.encode(y)).argmax(-1) == target).float().mean()
+    assert before < 0.7 and after > 0.98
+
+
+def test_umap_init_fits_records_and_repeats_exactly(tmp_path):
+    config = dict(epochs=1, init="vae-umap", pretrain_epochs=1, init_fit_epochs=2, **SMALL)
+    one = train(Config(out=str(tmp_path / "one"), **config), make_figures=False)
+    record = json.loads((tmp_path / "one" / "init.json").read_text())
+    assert record["init"] == "vae-umap" and record["fit_epochs"] == 2 and record["fit_weight"] == 10.0
+    assert len(record["fit"]["loss"]) == len(record["fit"]["cross_entropy"]) == 2
+    assert record["fit"]["cross_entropy"][1] < record["fit"]["cross_entropy"][0]
+    two = train(Config(out=str(tmp_path / "two"), **config), make_figures=False)
+    assert json.loads((tmp_path / "two" / "init.json").read_text())["test_at_init"] == record["test_at_init"]
+    for a, b in zip(one.guide.state_dict().values(), two.guide.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_no_fit_by_default_and_none_without_a_partition(tmp_path):
+    assert Config(data="spiral", init="vae-kmeans").resolved().init_fit_epochs == 0
+    assert Config(data="mnist", init="random").resolved().init_fit_epochs == 0
+    with pytest.raises(UserInputError, match="--init-fit-epochs needs --init vae-kmeans or vae-umap"):
+        train(Config(out=str(tmp_path / "r"), epochs=1, init_fit_epochs=2, **SMALL), make_figures=False)
+    with pytest.raises(UserInputError, match="--init-fit-epochs must be an integer >= 0"):
+        train(Config(out=str(tmp_path / "r"), epochs=1, init="vae-kmeans", init_fit_epochs=-1, **SMALL))
+    with pytest.raises(UserInputError, match="--init-fit-weight must be a number >= 0"):
+        train(Config(out=str(tmp_path / "r"), epochs=1, init="vae-kmeans", init_fit_weight=-1.0, **SMALL))
