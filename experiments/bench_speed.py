@@ -442,6 +442,7 @@ def epoch_throughput(
             K=10,
             batch_size=batch_size,
             epochs=1,
+            init="random",  # one training epoch is timed, not the preset's initialisation
             device=device,
             out=str(Path(tmp) / "run"),
             progress=False,

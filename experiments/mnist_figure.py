@@ -4,7 +4,7 @@
 
 One panel per K: for each setting, the mean over seeds of the test accuracy after every
 epoch (line) and the worst and best seed (band); a marker at epoch 0 shows where
-``--init vae-kmeans`` runs start.  Hungarian accuracy for K = 10, the paper's rule for other
+``--init vae-kmeans`` and ``vae-umap`` runs start.  Hungarian accuracy for K = 10, the paper's rule for other
 K (one-to-one matching counts K - 10 clusters wrong by construction).  Every point comes
 from the committed JSON.
 """
@@ -67,7 +67,7 @@ def plot(results: dict, path: Path) -> Path:
                 ax.plot([0], [mean[0]], "o", color=line.get_color())
         what = "Hungarian" if metric_for(K) == "acc_hungarian" else "paper-rule"
         ax.set_title(f"MNIST, K = {K}: {what} test accuracy\n(mean over seeds; band: worst to best seed)")
-        ax.set_xlabel("epoch (0: the seated start of --init vae-kmeans runs)")
+        ax.set_xlabel("epoch (0: the start of --init vae-* runs)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)

@@ -344,7 +344,8 @@ def write_markdown(results: dict, path: Path) -> None:
     if started:
         lines += [
             "",
-            "Runs with `--init vae-kmeans`: test metrics of the seated model before the first GMVAE epoch.",
+            "Runs with `--init vae-kmeans` or `vae-umap`: test metrics of the start (seated, and fitted with"
+            " `--init-fit-epochs`) before the first GMVAE epoch.",
             "",
             "| setting | seeds | paper rule at start | Hungarian at start |",
             "|---|---|---|---|",

@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
         help="random; vae-kmeans: pretrain a VAE, seat the components on k-means of its latent means; "
         "vae-umap: the same with k-means on a UMAP embedding of them (default: data preset)",
     )
-    add("--pretrain-epochs", type=int, help=f"VAE epochs of --init vae-* (default {defaults.pretrain_epochs})")
+    add("--pretrain-epochs", type=int, help="VAE epochs of --init vae-* (default: data preset)")
     add(
         "--pretrain-lr",
         type=float,

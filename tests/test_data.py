@@ -77,12 +77,12 @@ def test_mnist_smoke_run_writes_the_run_folder(tmp_path):
     assert 0.0 <= final["acc_hungarian"] <= 1.0 and 1 <= final["clusters_used"] <= 10
     saved = json.loads((out / "config.json").read_text())
     assert saved["data"] == "mnist" and saved["K"] == 10 and saved["likelihood"] == "bernoulli"
-    # The mnist preset starts from a pretrained VAE with its components seated on k-means,
-    # the best of 4 such starts by a 2-epoch probe of the objective.
-    assert saved["init"] == "vae-kmeans" and saved["kl_warmup"] == 0 and saved["init_restarts"] == 4
+    # The mnist preset starts from a VAE pretrained for 10 epochs, its components seated on
+    # k-means of a UMAP embedding of the latent means and fitted to that partition.
+    assert saved["init"] == "vae-umap" and saved["kl_warmup"] == 0 and saved["init_restarts"] == 1
     start = json.loads((out / "init.json").read_text())
-    assert len(start["pretrain_loss"]) == 3 and 0.0 <= start["test_at_init"]["acc_hungarian"] <= 1.0
-    assert len(start["restarts"]) == 4 and start["restarts"][start["chosen"]]["test_at_init"] == start["test_at_init"]
+    assert len(start["pretrain_loss"]) == 10 and 0.0 <= start["test_at_init"]["acc_hungarian"] <= 1.0
+    assert len(start["fit"]["cross_entropy"]) == 3 and "restarts" not in start
     assert result.final == final
 
 

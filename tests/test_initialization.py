@@ -215,9 +215,15 @@ def test_diverged_starts_are_never_kept(tmp_path, monkeypatch):
         train(Config(out=str(tmp_path / "all"), **config), make_figures=False)
 
 
-def test_the_mnist_presets_restarts_go_with_its_init():
+def test_a_presets_restarts_and_fit_go_with_its_init(monkeypatch):
+    from pyro_gmvae import config as config_module
+
+    preset = {**config_module.DATA_PRESETS["mnist"], "init": "vae-kmeans", "init_restarts": 4}
+    monkeypatch.setitem(config_module.DATA_PRESETS, "mnist", preset)
     assert Config(data="mnist").resolved().init_restarts == 4
-    assert Config(data="mnist", init="random").resolved().init_restarts == 1  # no error: nothing to restart
+    assert Config(data="mnist").resolved().init_fit_epochs == 3
+    random = Config(data="mnist", init="random").resolved()  # no error: nothing to restart or fit
+    assert random.init_restarts == 1 and random.init_fit_epochs == 0
     assert Config(data="mnist", init="random", init_restarts=3).resolved().init_restarts == 3  # refused by train
     assert Config(data="spiral", init="vae-kmeans").resolved().init_restarts == 1
 
