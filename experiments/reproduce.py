@@ -141,11 +141,13 @@ GRIDS = {
     # VAE's latent means, the seated GMVAE fitted to that partition for 3 epochs (objective +
     # 10 x cross-entropy), then plain GMVAE training at lr 1e-4, the paper's own rate (at
     # 1e-3 two probes drifted from 84-86 % to 79-81 % in 5 epochs; at 1e-4 to 83 %).  The
-    # first setting pretrains the VAE for 10 epochs, the second for 3 as the other grids.
+    # first setting pretrains the VAE for 10 epochs, the second for 3 as the other grids; the
+    # third is the first without the fit (run for 1 epoch: what seating alone starts from).
     "k10umap": dict(
         settings=[
             _variant(cv_weight=2.0, init="vae-umap", pretrain_epochs=10, init_fit_epochs=3, lr=1e-4),
             _variant(cv_weight=2.0, init="vae-umap", init_fit_epochs=3, lr=1e-4),
+            _variant(cv_weight=2.0, init="vae-umap", pretrain_epochs=10, lr=1e-4),
         ],
         seeds=5,
         epochs=20,

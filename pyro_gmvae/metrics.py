@@ -40,6 +40,23 @@ def hungarian_accuracy(assignments, labels) -> float:
     return float(table[rows, cols].sum() / table.sum())
 
 
+def confusions(assignments, labels, top: int = 5) -> list[tuple[int, int, int]]:
+    """The largest errors under the Hungarian matching: ``(count, label, matched_label)`` for
+    the examples of class ``label`` that sit in the cluster matched to ``matched_label``,
+    largest first, at most ``top`` of them (clusters left unmatched are not counted)."""
+    from scipy.optimize import linear_sum_assignment
+
+    table = contingency(assignments, labels)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    errors = [
+        (int(table[k, c]), c, int(matched))
+        for k, matched in zip(rows, cols, strict=True)
+        for c in range(table.shape[1])
+        if c != matched and table[k, c] > 0
+    ]
+    return sorted(errors, key=lambda e: (-e[0], e[1], e[2]))[:top]
+
+
 def purity(assignments, labels) -> float:
     """Fraction of examples carrying their cluster's majority label (many-to-one)."""
     table = contingency(assignments, labels)

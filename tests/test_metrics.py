@@ -12,6 +12,7 @@ import torch
 from pyro_gmvae.metrics import (
     clustering_metrics,
     clusters_used,
+    confusions,
     contingency,
     hungarian_accuracy,
     marginal_entropy,
@@ -119,3 +120,14 @@ def test_without_labels_and_with_tensors():
     assert set(m) == {"clusters_used", "marginal_entropy"}
     labelled = clustering_metrics(probs, torch.randint(0, 3, (30,)))
     assert {"acc_paper", "acc_hungarian", "purity", "nmi", "ari"} <= set(labelled)
+
+
+def test_confusions_list_the_largest_errors_under_the_matching():
+    # Clusters 0, 1, 2 hold classes 2, 0, 1 mostly; cluster 3 is left unmatched (K > classes).
+    table = np.array([[1, 4, 20], [15, 0, 3], [2, 12, 0], [5, 5, 5]])  # clusters x classes
+    assignments = np.repeat(np.arange(4), table.sum(1))
+    labels = np.concatenate([np.repeat(np.arange(3), row) for row in table])
+    assert confusions(assignments, labels) == [(4, 1, 2), (3, 2, 0), (2, 0, 1), (1, 0, 2)]
+    assert confusions(assignments, labels, top=1) == [(4, 1, 2)]
+    perfect = np.repeat(np.arange(3), 4)
+    assert confusions((perfect + 1) % 3, perfect) == []

@@ -181,3 +181,24 @@ def test_grid_settings_fix_every_preset_option():
 
     reproduce = _reproduce()
     assert set(DATA_PRESETS["mnist"]) - {"epochs"} <= set(reproduce.BASE)
+
+
+def test_confusions_script_reads_a_run_folder(tmp_path, capsys):
+    from pyro_gmvae import Config, train
+
+    spec = importlib.util.spec_from_file_location("mnist_confusions", REPO / "experiments" / "mnist_confusions.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = tmp_path / "grid" / "run"
+    result = train(
+        Config(data="spiral", train_subset=400, test_subset=200, epochs=1, progress=False, out=str(folder)),
+        make_figures=False,
+    )
+    out = tmp_path / "confusions.json"
+    assert script.main([str(folder), "--top", "3", "--out", str(out)]) == 0
+    entry = json.loads(out.read_text())["grid/run"]
+    assert entry["epochs"] == 1 and entry["acc_hungarian"] == pytest.approx(result.final["acc_hungarian"])
+    assert len(entry["confusions"]) <= 3
+    counts = [c["count"] for c in entry["confusions"]]
+    assert counts == sorted(counts, reverse=True) and all(c["digit"] != c["in_cluster_of"] for c in entry["confusions"])
+    assert "grid/run" in capsys.readouterr().out
