@@ -139,8 +139,8 @@ GRIDS = {
     ),
     # N2D's start (McConville et al. 2020): k-means on a 10-D UMAP embedding of the pretrained
     # VAE's latent means, the seated GMVAE fitted to that partition for 3 epochs (objective +
-    # 10 x cross-entropy), then plain GMVAE training at lr 1e-4, the paper's own rate (at
-    # 1e-3 two probes drifted from 84-86 % to 79-81 % in 5 epochs; at 1e-4 to 83 %).  The
+    # 10 x cross-entropy), then plain GMVAE training at lr 1e-4, the paper's own rate (in
+    # single-seed probes the accuracy drifted down from the start faster at 1e-3).  The
     # first setting pretrains the VAE for 10 epochs, the second for 3 as the other grids; the
     # third is the first without the fit (run for 1 epoch: what seating alone starts from).
     "k10umap": dict(
