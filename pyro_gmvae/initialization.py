@@ -244,10 +244,11 @@ def fit_to_partition(
     """Train the whole GMVAE on its objective plus ``weight`` x the cross-entropy to ``labels``.
 
     ``x_points`` (N, ...) are the partitioned examples and ``labels`` (N,) their clusters.
-    Uses its own Adam optimiser at ``lr`` and shuffles with ``generator``.  Returns the
-    mean loss (the GMVAE objective, nats per example) and the mean cross-entropy of each
-    epoch.
+    Uses its own Adam optimiser at ``lr`` and shuffles with ``generator``; a batch size
+    above N is lowered to N.  Returns the mean loss (the GMVAE objective, nats per example)
+    and the mean cross-entropy of each epoch.
     """
+    batch_size = min(batch_size, len(x_points))  # --batch-size may exceed the 20,000 partitioned
     loss_fn = make_elbo(num_particles)(model, guide)
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=lr)
     model.train()

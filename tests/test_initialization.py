@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -284,6 +285,20 @@ def test_fit_teaches_the_cluster_posterior_a_partition(guide_name):
     model.eval()
     after = (cluster_log_probs(model, guide, guide.encode(y)).argmax(-1) == target).float().mean()
     assert before < 0.7 and after > 0.98
+    # A batch larger than the partitioned set (--batch-size above 20,000) is one full batch.
+    record = fit_to_partition(
+        model,
+        guide,
+        y[:40],
+        target[:40],
+        epochs=1,
+        batch_size=500,
+        lr=1e-3,
+        weight=1.0,
+        num_particles=1,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert len(record["loss"]) == 1 and all(map(math.isfinite, record["loss"]))
 
 
 def test_umap_init_fits_records_and_repeats_exactly(tmp_path):
