@@ -14,7 +14,7 @@ import torch
 from pyro import poutine
 from pyro.infer import infer_discrete
 
-from pyro_gmvae.objective import cluster_log_posterior, elbo_terms
+from pyro_gmvae.objective import elbo_terms
 
 
 @contextlib.contextmanager
@@ -68,7 +68,6 @@ def cluster_probs(
             if guide.cluster_posterior == "guide":
                 out.append(torch.softmax(q["z_logits"], -1))
                 continue
-            log_pi = model.prior.cluster_log_weights()
             if num_samples == 0:
                 w, x = q["w_loc"], q["x_loc"]
             else:
@@ -78,8 +77,7 @@ def cluster_probs(
                 shape = (num_samples,) + q["x_loc"].shape
                 noise = torch.randn(shape, device=device, dtype=q["x_loc"].dtype, generator=generator)
                 x = q["x_loc"] + q["x_scale"] * noise  # (S, B, Dx)
-            loc, scale = model.prior.components(w)
-            probs = cluster_log_posterior(log_pi, loc, scale, x).exp()
+            probs = model.cluster_log_posterior(x, w).exp()
             out.append(probs if num_samples == 0 else probs.mean(0))
     return torch.cat(out).cpu()
 
