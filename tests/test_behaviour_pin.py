@@ -33,8 +33,47 @@ def test_spiral_default_matches_the_recorded_run(tmp_path):
     cmd = [sys.executable, "experiments/run.py", "--out", str(out), "--no-progress", "--seed", "0"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    expected, got = _rows(FIXTURE), _rows(out / "metrics.jsonl")
+    _assert_rows_match(out / "metrics.jsonl", FIXTURE)
+
+
+def _assert_rows_match(got_file: Path, want_file: Path) -> None:
+    expected, got = _rows(want_file), _rows(got_file)
     assert len(got) == len(expected)
     for want, row in zip(expected, got, strict=True):
         assert row.keys() == want.keys(), row["epoch"]
         assert row == pytest.approx(want, rel=1e-6, abs=1e-9), f"epoch {row['epoch']} differs"
+
+
+# Short runs through the other paths (v1 guide, KL warm-up, eta, free bits, cosine lr, --init
+# with fit and restarts, M = 2), recorded at the same commit with one thread.
+OTHER_RUNS = {
+    "v1": "--guide v1 --kl-warmup 2 --z-prior-weight 2 --free-bits 0.1 --cv-weight 1 --epochs 4 --lr-final 1e-3",
+    "init": "--init vae-kmeans --init-fit-epochs 1 --init-restarts 2 --pretrain-epochs 1 --epochs 3 --kl-warmup 1 "
+    "--z-prior-weight 1.5",
+    "v1init": "--guide v1 --init vae-kmeans --init-fit-epochs 1 --init-restarts 2 --pretrain-epochs 1 --epochs 2 "
+    "--mc-samples 2",
+}
+
+
+def _without_seconds(value):
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [_without_seconds(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_RUNS))
+def test_short_runs_match_the_recorded_runs(name, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "OMP_WAIT_POLICY": "PASSIVE"}
+    out = tmp_path / "run"
+    flags = OTHER_RUNS[name].split() + ["--train-subset", "1000", "--test-subset", "300"]
+    cmd = [sys.executable, "experiments/run.py", "--out", str(out), "--no-progress", *flags]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    fixtures = REPO / "tests" / "fixtures"
+    _assert_rows_match(out / "metrics.jsonl", fixtures / f"pin_{name}_metrics.jsonl")
+    init_file = fixtures / f"pin_{name}_init.json"
+    if init_file.is_file():
+        got = _without_seconds(json.loads((out / "init.json").read_text()))
+        assert got == _without_seconds(json.loads(init_file.read_text()))
