@@ -116,6 +116,17 @@ def test_modes_and_shapes_and_bad_input(tiny_mixture):
         loglik(model, y, num_samples=2)
 
 
+def test_v1_guide_ignores_its_cluster_head(tiny_mixture):
+    """The v1 guide's q(z|y) plays no part: z is summed exactly, so its logits change nothing."""
+    y = tiny_mixture[0][:10].double()
+    model, guide = _tiny_model(guide="v1")
+    first = loglik((model, guide), y, num_samples=20, generator=torch.Generator().manual_seed(0), progress=False)
+    with torch.no_grad():
+        guide.encoder.z_logits.weight.normal_()
+    second = loglik((model, guide), y, num_samples=20, generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.isfinite(first).all() and torch.equal(first, second)
+
+
 def test_same_generator_same_answer_and_chunking_is_unbiased(tiny_mixture):
     y = tiny_mixture[0][:10].double()
     model, guide = _tiny_model()
