@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 from pyro_gmvae.arviz_export import to_inference_data  # noqa: E402
 from pyro_gmvae.config import Config  # noqa: E402
+from pyro_gmvae.loglik import loglik  # noqa: E402
 from pyro_gmvae.metrics import clustering_metrics  # noqa: E402
 from pyro_gmvae.posterior import assign, cluster_probs, components, encode, reconstruct, sample  # noqa: E402
 from pyro_gmvae.runs import Run, load_run  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     "components",
     "encode",
     "load_run",
+    "loglik",
     "reconstruct",
     "sample",
     "to_inference_data",
