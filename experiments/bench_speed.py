@@ -164,7 +164,7 @@ class Sides:
         if option == "compile":
             for module in (self.guide.encoder, self.model.decoder, self.model.prior.network):
                 module.compile()
-        self.loss_fn = make_elbo(case["mc_samples"], jit=option == "jit")(self.model, self.guide)
+        self.loss_fn = make_elbo(case["mc_samples"])(self.model, self.guide)
         lr = self.config.lr
         self.opt_project = torch.optim.Adam(self.loss_fn.parameters(), lr=lr)
         self.opt_reference = torch.optim.Adam(self.loss_fn.parameters(), lr=lr)
@@ -318,30 +318,6 @@ def parameter_mib(sides: Sides) -> float:
 
 
 # --- options ----------------------------------------------------------------------------
-def option_jit(case: dict, device: torch.device) -> dict:
-    """JitTraceEnum_ELBO: build and take one step; record the error if it fails."""
-    row = {"option": "jit", "name": case_name(case), "what": "make_elbo(jit=True), i.e. JitTraceEnum_ELBO"}
-    try:
-        sides = Sides(case, device, "jit")
-        t0 = time.perf_counter()
-        sides.project()
-        row["first_step_s"] = time.perf_counter() - t0
-        row.update(
-            time_interleaved(
-                {"with_option": sides.project, "default": Sides(case, device).project},
-                device,
-                case["batch_size"],
-                3,
-                8,
-                30,
-                10.0,
-            )
-        )
-    except Exception as err:  # noqa: BLE001 - an option that fails is a result too
-        row["error"] = repr(err)[:500]
-    return row
-
-
 def time_option(with_option, default, case: dict, device, args, warmup: int = 3) -> dict:
     """Interleaved timing of an option's step against the default step, with the CLI's step limits."""
     steps = {"with_option": with_option, "default": default}
@@ -521,8 +497,8 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip peak memory")
     p.add_argument("--no-epoch", action="store_true", help="skip the MNIST epochs")
     p.add_argument("--data-root", help="folder holding MNIST/raw (default: $PYRO_GMVAE_DATA, then ./data)")
-    p.add_argument("--no-options", action="store_true", help="skip the options (jit, compile, ...)")
-    p.add_argument("--options", default="jit,validation_on,channels_last,compile,bf16")
+    p.add_argument("--no-options", action="store_true", help="skip the options (compile, ...)")
+    p.add_argument("--options", default="validation_on,channels_last,compile,bf16")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--compile-child", help=argparse.SUPPRESS)
     p.add_argument("--side", help=argparse.SUPPRESS)
@@ -637,8 +613,6 @@ def main(argv=None) -> int:
                     row = {"option": option, "skipped": "mixed precision is measured on CUDA only"}
                 else:
                     row = {"option": option, "skipped": "not implemented for this run"}
-            elif option == "jit":
-                row = option_jit(fc, device)
             elif option == "validation_on":
                 row = option_validation(fc, device, args)
             elif option == "channels_last":

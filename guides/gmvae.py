@@ -1,4 +1,17 @@
-"""Guides of the GMVAE: the v2 ("exact") and v1 ("cluster head") recognition networks."""
+"""Guides of the GMVAE: the v2 ("exact") and v1 ("cluster head") recognition networks.
+
+Each guide owns its cluster posterior r(z), the distribution over clusters that the
+ELBO's z terms, the assignments and the fit to a partition use:
+
+- :meth:`ExactGuide.cluster_log_probs` gives r = p(z | x, w), the model's exact
+  posterior (z is summed out in the model);
+- :meth:`ClusterHeadGuide.cluster_log_probs` gives r = q(z | y) from its softmax head, and
+  the guide issues the z-prior regulariser of that r itself.
+
+Pairing goes through :meth:`ExactGuide.build` (the guide for a resolved config) and
+``model_regularization`` (what the model applies to its exact posterior), so no code
+outside this module branches on the kind of guide.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +23,7 @@ from torch import nn
 
 from pyro_gmvae.networks import positive_scale
 from pyro_gmvae.objective import Regularization, kl_categorical, z_prior_adjustment
+from pyro_gmvae.priors import MixturePrior
 
 
 class Encoder(nn.Module):
@@ -47,11 +61,31 @@ class ExactGuide(PyroModule):
         x ~ q(x | y) = N(loc_x(y), diag scale_x(y)^2)        "x"
     """
 
-    cluster_posterior = "exact"
-
     def __init__(self, encoder: Encoder):
         super().__init__()
         self.encoder = encoder
+
+    @classmethod
+    def build(cls, trunk: nn.Module, config, prior: MixturePrior, regularization: Regularization) -> ExactGuide:
+        """The guide for a resolved config, on ``trunk`` (the prior and weights are unused here)."""
+        return cls(Encoder(trunk, config.x_dim, config.w_dim))
+
+    @staticmethod
+    def model_regularization(regularization: Regularization) -> Regularization:
+        """What the paired model applies to p(z | x, w): all of it, since r = p(z | x, w) here."""
+        return regularization
+
+    def cluster_log_probs(self, model, q: dict[str, torch.Tensor], x=None, w=None) -> torch.Tensor:
+        """log r(z) = log p(z | x, w), the model's exact posterior, shape x.shape[:-1] + (K,).
+
+        ``q`` is the output of :meth:`encode`; ``x`` (..., B, Dx) and ``w`` (..., B, Dw)
+        default to the posterior means ``q["x_loc"]`` and ``q["w_loc"]``.
+        """
+        return model.cluster_log_posterior(q["x_loc"] if x is None else x, q["w_loc"] if w is None else w)
+
+    def regularizer(self, q: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """Value of the guide's own regulariser factor: none here (the model carries r's terms)."""
+        return 0.0
 
     def encode(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Variational parameters for a batch: ``x_loc``, ``x_scale`` (B, Dx), ``w_*`` (B, Dw)."""
@@ -64,13 +98,8 @@ class ExactGuide(PyroModule):
         q_x = dist.Normal(q["x_loc"], q["x_scale"]).to_event(1)
         return q_w, q_x
 
-    def q_w(self, y: torch.Tensor):
-        return self.posteriors(self.encode(y))[0]
-
-    def q_x(self, y: torch.Tensor):
-        return self.posteriors(self.encode(y))[1]
-
-    def forward(self, y: torch.Tensor) -> None:
+    def forward(self, y: torch.Tensor, kl_weight: float = 1.0) -> None:
+        """Issue the sites for ``y``; ``kl_weight`` is the model's (the signatures match)."""
         q_w, q_x = self.posteriors(self.encode(y))
         with pyro.plate("data", y.shape[0]):
             pyro.sample("w", q_w)
@@ -92,8 +121,6 @@ class ClusterHeadGuide(ExactGuide):
     code that pairs model and guide.
     """
 
-    cluster_posterior = "guide"
-
     def __init__(self, encoder: Encoder, regularization: Regularization = Regularization(), cluster_log_weights=None):
         super().__init__(encoder)
         if encoder.z_logits is None:
@@ -102,23 +129,41 @@ class ClusterHeadGuide(ExactGuide):
         # A plain callable, not a submodule: the prior's parameters belong to the model.
         self.cluster_log_weights = cluster_log_weights
 
-    def q_z(self, y: torch.Tensor):
-        return dist.Categorical(logits=self.encode(y)["z_logits"])
+    @classmethod
+    def build(cls, trunk: nn.Module, config, prior: MixturePrior, regularization: Regularization):
+        """The guide for a resolved config: a K-way head on ``trunk``, scoring r against ``prior``'s pi."""
+        encoder = Encoder(trunk, config.x_dim, config.w_dim, config.K)
+        return cls(encoder, regularization, cluster_log_weights=prior.cluster_log_weights)
 
-    def forward(self, y: torch.Tensor) -> None:
+    @staticmethod
+    def model_regularization(regularization: Regularization) -> Regularization:
+        """What the paired model applies to p(z | x, w): alpha only; eta and free bits act on r = q(z|y) here."""
+        return Regularization(cv_weight=regularization.cv_weight)
+
+    def cluster_log_probs(self, model, q: dict[str, torch.Tensor], x=None, w=None) -> torch.Tensor:
+        """log r(z) = log q(z | y), shape (B, K); it depends on neither ``x`` nor ``w``."""
+        return torch.log_softmax(q["z_logits"], -1)
+
+    def regularizer(self, q: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """Value of the ``"z_prior_regularizer"`` factor, shape (B,): ``-(eta - 1) z_prior`` of q(z|y)
+        (with free bits), negated as it enters through the guide."""
+        reg = self.regularization
+        if not reg.touches_z_prior:
+            return 0.0
+        if self.cluster_log_weights is None:
+            raise ValueError("ClusterHeadGuide with eta != 1 or free bits needs cluster_log_weights")
+        z_prior = kl_categorical(torch.log_softmax(q["z_logits"], -1), self.cluster_log_weights())
+        return -z_prior_adjustment(z_prior, reg)
+
+    def forward(self, y: torch.Tensor, kl_weight: float = 1.0) -> None:
         q = self.encode(y)
         q_w, q_x = self.posteriors(q)
-        reg = self.regularization
         with pyro.plate("data", y.shape[0]):
             pyro.sample("w", q_w)
             pyro.sample("z", dist.Categorical(logits=q["z_logits"]), infer={"enumerate": "parallel"})
             pyro.sample("x", q_x)
-            if reg.touches_z_prior:
-                if self.cluster_log_weights is None:
-                    raise ValueError("ClusterHeadGuide with eta != 1 or free bits needs cluster_log_weights")
-                log_q = torch.log_softmax(q["z_logits"], -1)
-                z_prior = kl_categorical(log_q, self.cluster_log_weights())
-                pyro.factor("z_prior_regularizer", -z_prior_adjustment(z_prior, reg), has_rsample=True)
+            if self.regularization.touches_z_prior:
+                pyro.factor("z_prior_regularizer", self.regularizer(q), has_rsample=True)
 
 
 GUIDES = {"v2": ExactGuide, "v1": ClusterHeadGuide}

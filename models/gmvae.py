@@ -18,8 +18,6 @@ from pyro_gmvae.objective import (
 )
 from pyro_gmvae.priors import MixturePrior
 
-CLUSTER_POSTERIORS = ("exact", "guide")
-
 
 class GMVAE(PyroModule):
     """Gaussian mixture VAE (Dilokthanakul et al. 2016), the generative side.
@@ -31,8 +29,14 @@ class GMVAE(PyroModule):
         x | z, w ~ N(mu_z(w), diag sigma_z(w)^2)             "x"  (Dx,)
         y | x ~ likelihood(decoder(x))                       "y"  data shape
 
-    plus one ``pyro.factor("regularizer", ...)`` carrying ``-(eta - 1) z_prior - alpha cv``
-    (only the ``cv`` part when the guide owns the cluster posterior, as the v1 guide does).
+    plus one ``pyro.factor("regularizer", ...)`` carrying ``-(eta - 1) z_prior - alpha cv`` of
+    the exact cluster posterior p(z | x, w), and during KL warm-up (``kl_weight`` < 1) one
+    ``pyro.factor("kl_warmup", ...)``.
+
+    The model never asks which guide it is paired with.  Its regulariser is the one of
+    ``regularization``, applied to p(z | x, w); a guide whose cluster posterior r is its
+    own (the v1 cluster head) issues the z-prior part for its r itself and pairs with a
+    model that keeps only alpha (see ``model_regularization`` of the guides).
 
     Parameters
     ----------
@@ -44,9 +48,7 @@ class GMVAE(PyroModule):
         x (..., Dx) -> (..., likelihood.num_params, *data_shape).
     data_shape : tuple of int
     regularization : Regularization
-        eta, alpha and the free-bits threshold.
-    cluster_posterior : {"exact", "guide"}
-        Where r comes from: "exact" (p(z|x,w); the v2 guide) or "guide" (q(z|y); v1).
+        eta, alpha and the free-bits threshold applied to p(z | x, w).
     """
 
     def __init__(
@@ -56,19 +58,13 @@ class GMVAE(PyroModule):
         decoder: torch.nn.Module,
         data_shape: tuple[int, ...],
         regularization: Regularization = Regularization(),
-        cluster_posterior: str = "exact",
     ):
         super().__init__()
-        if cluster_posterior not in CLUSTER_POSTERIORS:
-            raise ValueError(f"cluster_posterior must be one of {CLUSTER_POSTERIORS}, got {cluster_posterior!r}")
         self.prior = prior
         self.likelihood = likelihood
         self.decoder = decoder
         self.data_shape = tuple(data_shape)
         self.regularization = regularization
-        self.cluster_posterior = cluster_posterior
-        # KL warm-up: training sets this to (1 - beta) / beta; see ``forward``.
-        self.recon_boost = 0.0
 
     # --- factors, each callable from a notebook -------------------------------------
     def p_w(self, batch_size: int):
@@ -100,7 +96,7 @@ class GMVAE(PyroModule):
     def has_regularizer(self) -> bool:
         """Whether the model issues the ``"regularizer"`` factor at all (eta, alpha, lambda)."""
         reg = self.regularization
-        return reg.cv_weight > 0 or (self.cluster_posterior == "exact" and reg.touches_z_prior)
+        return reg.cv_weight > 0 or reg.touches_z_prior
 
     def regularizer(self, x: torch.Tensor, w: torch.Tensor, log_components: torch.Tensor | None = None) -> torch.Tensor:
         """Value of the ``"regularizer"`` factor at (x, w), shape x.shape[:-1].
@@ -113,12 +109,17 @@ class GMVAE(PyroModule):
         else:
             log_r = posterior_from_densities(self.prior.cluster_log_weights(), log_components)
         value = -reg.cv_weight * entropy(log_r)
-        if self.cluster_posterior == "exact" and reg.touches_z_prior:
+        if reg.touches_z_prior:
             value = value + z_prior_adjustment(kl_categorical(log_r, self.prior.cluster_log_weights()), reg)
         return value
 
     # --- the model ------------------------------------------------------------------
-    def forward(self, y: torch.Tensor) -> None:
+    def forward(self, y: torch.Tensor, kl_weight: float = 1.0) -> None:
+        """Issue the sites for a batch ``y``; ``kl_weight`` beta in (0, 1] is KL warm-up's weight.
+
+        With beta < 1 the loss becomes ``-(recon - beta KL) / beta``: the warm-up
+        objective's gradient direction, its value scaled by 1 / beta.
+        """
         batch_size = y.shape[0]
         with pyro.plate("data", batch_size):
             w = pyro.sample("w", self.p_w(batch_size))
@@ -127,9 +128,9 @@ class GMVAE(PyroModule):
             x = pyro.sample("x", p_x)
             p_y = self.p_y(x)
             pyro.sample("y", p_y, obs=y)
-            if self.recon_boost > 0:
-                # ELBO + c log p(y|x) with c = (1 - beta) / beta is (recon - beta * KL) / beta:
-                # the warm-up objective's gradient direction, with its loss scaled by 1 / beta.
-                pyro.factor("kl_warmup", self.recon_boost * p_y.log_prob(y))
+            recon_boost = (1 - kl_weight) / kl_weight
+            if recon_boost > 0:
+                # ELBO + c log p(y|x) with c = (1 - beta) / beta is (recon - beta * KL) / beta.
+                pyro.factor("kl_warmup", recon_boost * p_y.log_prob(y))
             if self.has_regularizer:
                 pyro.factor("regularizer", self.regularizer(x, w, p_x.log_components(x)))

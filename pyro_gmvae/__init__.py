@@ -2,13 +2,10 @@
 
 Dilokthanakul et al., "Deep Unsupervised Clustering with Gaussian Mixture Variational
 Autoencoders", arXiv:1611.02648.
+
+Importing the package changes no Pyro setting; building a model or an ELBO here keeps
+parameters module-local (:func:`pyro_gmvae.objective.use_module_local_params`).
 """
-
-import pyro
-
-# Parameters live in the modules, not in Pyro's global parameter store, so two models in
-# one notebook never collide (Pyro's recommended setting for PyroModule + torch loops).
-pyro.settings.set(module_local_params=True)
 
 __version__ = "0.1.0"
 

@@ -1,136 +1,164 @@
-"""Run configuration: every option with its default, in one place.
+"""Run configuration: every option with its default, help, choices and check, in one place.
 
-``Config`` holds what a run needs; ``DATA_PRESETS`` fills the options a user left unset
-from the experiment table of DESIGN.md section 6.  argparse reads its defaults from here
+``Config`` holds what a run needs.  Each field carries its command-line help, its valid
+values and its check in ``field(metadata=...)`` (made by :func:`option`); the flags of
+``experiments/run.py`` (:func:`add_arguments`) and :meth:`Config.validate` are derived
+from them.  ``DATA_PRESETS`` fills the options a user left unset (``None``) per data set,
 and the resolved config is saved with every checkpoint, so a run folder rebuilds alone.
+
+To add an option: add a field with ``option(default, help, check=..., choices=...)``,
+read it where it is used, and, if it depends on the data set, give it a value in every
+preset.  The flag, its help and its validation follow.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-# Per-data defaults (DESIGN.md section 6, starting from the original run.sh).  Spiral
-# uses a higher learning rate and fewer epochs than the original's 500 so the default
-# run finishes in about a minute on 2 CPU cores; see README "Defaults".
+from pyro_gmvae.errors import UserInputError
+
+PRESET = "data preset"  # the default shown for options a preset fills
+
+# Per-data defaults, starting from the original run.sh.  Spiral uses a higher learning rate
+# and fewer epochs than the original's 500, so the default run takes about a minute on
+# 2 CPU cores; lr 1e-2 collapsed seed 1 to 2 clusters, 3e-3 separates the arms for seeds 0-2.
+# MNIST: the best setting measured (experiments/results/mnist.md, grid k10umap, 5 seeds):
+# 10 epochs of VAE pretraining, components seated on k-means of a UMAP embedding of the
+# latent means and fitted to that partition for 3 epochs, then 20 GMVAE epochs at Adam 1e-4,
+# CV weight 2.0 and no KL warm-up (it scrambles the seated start).  The original's run.sh
+# setting (conv, K 14, lr 1e-4, batch 50, 100 epochs) is not measured here.  npz: a user's
+# file, small fully connected defaults.
+_NETWORK = ("network", "likelihood", "x_dim", "w_dim", "K", "hidden_dim", "batch_size", "cv_weight", "epochs", "lr")
+_START = ("kl_warmup", "init", "pretrain_epochs", "init_restarts", "init_fit_epochs")
 DATA_PRESETS = {
-    "spiral": dict(
-        network="fc",
-        likelihood="gaussian",
-        x_dim=2,
-        w_dim=2,
-        K=8,
-        hidden_dim=100,
-        batch_size=200,
-        cv_weight=2.0,
-        epochs=60,
-        lr=3e-3,  # 1e-2 collapsed seed 1 to 2 clusters; 3e-3 separates the arms for seeds 0-2
-        kl_warmup=0,
-        init="random",
-        pretrain_epochs=3,
-        init_restarts=1,
-        init_fit_epochs=0,
-    ),
-    # The best setting measured on MNIST (experiments/results/mnist.json, grid k10umap, 5
-    # seeds on 2 CPU cores; the README's MNIST table): 10 epochs of VAE pretraining, the
-    # components seated on k-means of a UMAP embedding of the latent means and fitted to
-    # that partition for 3 epochs (--init vae-umap --pretrain-epochs 10 --init-fit-epochs 3),
-    # then 20 GMVAE epochs at Adam 1e-4 with CV weight 2.0 and no KL warm-up (it scrambles
-    # the seated start).  The original's run.sh setting is conv, K 14, lr 1e-4, batch 50,
-    # 100 epochs; not measured here.
-    "mnist": dict(
-        network="fc",
-        likelihood="bernoulli",
-        x_dim=200,
-        w_dim=150,
-        K=10,
-        hidden_dim=500,
-        batch_size=256,
-        cv_weight=2.0,
-        epochs=20,
-        lr=1e-4,
-        kl_warmup=0,
-        init="vae-umap",
-        pretrain_epochs=10,
-        init_restarts=1,
-        init_fit_epochs=3,
-    ),
-    "svhn": dict(
-        network="conv",
-        likelihood="bernoulli",
-        x_dim=200,
-        w_dim=150,
-        K=10,
-        hidden_dim=500,
-        batch_size=128,
-        cv_weight=0.0,
-        epochs=100,
-        lr=1e-4,
-        kl_warmup=0,
-        init="random",
-        pretrain_epochs=3,
-        init_restarts=1,
-        init_fit_epochs=0,
-    ),
-    # A user's .npz file: small fully connected defaults; every one can be overridden.
-    "npz": dict(
-        network="fc",
-        likelihood="gaussian",
-        x_dim=10,
-        w_dim=10,
-        K=10,
-        hidden_dim=256,
-        batch_size=100,
-        cv_weight=0.0,
-        epochs=50,
-        lr=1e-3,
-        kl_warmup=0,
-        init="random",
-        pretrain_epochs=3,
-        init_restarts=1,
-        init_fit_epochs=0,
-    ),
+    name: dict(zip(_NETWORK + _START, values, strict=True))
+    for name, values in {
+        "spiral": ("fc", "gaussian", 2, 2, 8, 100, 200, 2.0, 60, 3e-3, 0, "random", 3, 1, 0),
+        "mnist": ("fc", "bernoulli", 200, 150, 10, 500, 256, 2.0, 20, 1e-4, 0, "vae-umap", 10, 1, 3),
+        "svhn": ("conv", "bernoulli", 200, 150, 10, 500, 128, 0.0, 100, 1e-4, 0, "random", 3, 1, 0),
+        "npz": ("fc", "gaussian", 10, 10, 10, 256, 100, 0.0, 50, 1e-3, 0, "random", 3, 1, 0),
+    }.items()
 }
+INITS = ("random", "vae-kmeans", "vae-umap")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: ``x_dim`` -> ``--x-dim``."""
+    return "--" + name.replace("_", "-")
+
+
+# --- checks: each raises UserInputError with a one-line message naming the flag ----------
+def positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserInputError(f"{flag(name)} must be a positive integer, got {value}")
+
+
+def non_negative_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UserInputError(f"{flag(name)} must be an integer >= 0, got {value}")
+
+
+def positive_number(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise UserInputError(f"{flag(name)} must be a positive number, got {value}")
+
+
+def non_negative_number(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+        raise UserInputError(f"{flag(name)} must be a finite number >= 0, got {value}")
+
+
+def _data_set(name: str, value) -> None:
+    from pyro_gmvae.data import DATASETS
+
+    if not isinstance(value, str) or not (value in DATASETS or value.endswith(".npz")):
+        raise UserInputError(f"unknown {flag(name)} {value!r}; choose one of {', '.join(DATASETS)}")
+
+
+def _registry(module: str, table: str) -> Callable[[], list[str]]:
+    """The sorted names of a name-to-class table, read when asked (no import cycle)."""
+    return lambda: sorted(getattr(importlib.import_module(module), table))
+
+
+def option(default, help: str, *, check: Callable | None = None, choices=None, optional: bool = False, **extra):
+    """A ``Config`` field with its command-line help, valid values and check.
+
+    ``choices``: a tuple of names or a callable returning them (a registry).  ``check(name,
+    value)`` raises UserInputError; ``optional`` skips it for ``None``.  ``extra`` goes to
+    ``add_argument`` (``action``, ``dest`` and a custom ``flag``).
+    """
+    meta = dict(help=help, check=check, choices=choices, optional=optional, **extra)
+    return field(default=default, metadata=meta)
+
+
+def choices_of(f: dataclasses.Field) -> list[str] | None:
+    choices = f.metadata.get("choices")
+    return list(choices()) if callable(choices) else choices
 
 
 @dataclass
 class Config:
     """Every option of a run.  ``None`` means "take it from the data preset"."""
 
-    data: str = "spiral"  # spiral | spiral-original | mnist | svhn | PATH.npz
-    data_root: str | None = None  # default: $PYRO_GMVAE_DATA, then ./data
-    network: str | None = None  # fc | conv
-    likelihood: str | None = None  # bernoulli | gaussian
-    prior: str = "uniform"  # uniform (the paper's fixed pi) | learned
-    guide: str = "v2"  # v2 (exact, z enumerated in the model) | v1 (cluster head)
-    K: int | None = None  # number of clusters
-    x_dim: int | None = None  # Dx
-    w_dim: int | None = None  # Dw
-    hidden_dim: int | None = None  # H
-    epochs: int | None = None  # total epochs (a resumed run trains up to this many)
-    batch_size: int | None = None
-    lr: float | None = None  # Adam learning rate (of the first epoch, with --lr-final)
-    lr_final: float | None = None  # cosine decay from lr to this by the last epoch; None = constant
-    mc_samples: int = 1  # M, particles of (x, w) per example
-    kl_warmup: int | None = None  # epochs over which the KL terms' weight rises linearly to 1; 0 = off
-    init: str | None = None  # random (PyTorch's) | vae-kmeans | vae-umap (pretrained VAE, components on a partition)
-    pretrain_epochs: int | None = None  # VAE pretraining epochs of --init vae-*
-    pretrain_lr: float = 1e-3  # Adam learning rate of that pretraining and of the fit to the partition
-    init_restarts: int | None = None  # --init vae-*: make this many starts, keep the best probe objective
-    init_probe_epochs: int = 2  # GMVAE epochs each start trains before it is scored (restarts > 1)
-    init_fit_epochs: int | None = None  # epochs the seated start trains towards its partition; 0 = off
-    init_fit_weight: float = 10.0  # weight of the cross-entropy to the partition in that fit
-    z_prior_weight: float = 1.0  # eta
-    cv_weight: float | None = None  # alpha
-    free_bits: float = 0.0  # lambda; 0 = off
-    seed: int = 0
-    device: str = "cpu"
-    out: str | None = None  # run folder; default runs/<data>-<guide>-K<K>-seed<seed>
-    train_subset: int | None = None  # use only the first N training examples (smoke runs)
-    test_subset: int | None = None  # use only the first N test examples
-    progress: bool = True  # tqdm progress bar
-    download: bool = False  # let torchvision download MNIST / SVHN into data_root
-    extra: dict = field(default_factory=dict)  # free-form notes saved with the run
+    data: str = option("spiral", "spiral | spiral-original | mnist | svhn | PATH.npz", check=_data_set)
+    data_root: str | None = option(None, "folder holding the data sets (default $PYRO_GMVAE_DATA, then ./data)")
+    download: bool = option(False, "let torchvision download MNIST / SVHN into --data-root", action="store_true")
+    network: str | None = option(None, "encoder/decoder family", choices=_registry("pyro_gmvae.networks", "TRUNKS"))
+    likelihood: str | None = option(None, "p(y|x)", choices=_registry("pyro_gmvae.likelihoods", "LIKELIHOODS"))
+    prior: str = option(
+        "uniform", "cluster weights pi: fixed uniform or learned", choices=_registry("pyro_gmvae.priors", "PRIORS")
+    )
+    guide: str = option("v2", "v2: exact p(z|x,w); v1: q(z|y) head", choices=_registry("pyro_gmvae.guides", "GUIDES"))
+    K: int | None = option(None, "number of clusters", check=positive_int)
+    x_dim: int | None = option(None, "Dx, size of x", check=positive_int)
+    w_dim: int | None = option(None, "Dw, size of w", check=positive_int)
+    hidden_dim: int | None = option(None, "H, hidden units", check=positive_int)
+    epochs: int | None = option(None, "total epochs; with --resume, train up to this many", check=positive_int)
+    batch_size: int | None = option(None, "minibatch size (the global batch under torchrun)", check=positive_int)
+    lr: float | None = option(None, "Adam learning rate (of the first epoch, with --lr-final)", check=positive_number)
+    lr_final: float | None = option(
+        None,
+        "cosine decay of the learning rate to this by the last epoch (unset: constant)",
+        check=positive_number,
+        optional=True,
+    )
+    mc_samples: int = option(1, "M, Monte Carlo samples of (x, w) per example", check=positive_int)
+    kl_warmup: int | None = option(
+        None, "epochs over which the KL terms' weight rises linearly to 1 (0: off)", check=non_negative_int
+    )
+    init: str | None = option(
+        None,
+        "random: PyTorch's initialisation; vae-kmeans: pretrain a VAE, seat the components on k-means of its "
+        "latent means; vae-umap: the same with k-means on a UMAP embedding of them",
+        choices=INITS,
+    )
+    pretrain_epochs: int | None = option(None, "VAE epochs of --init vae-*", check=positive_int)
+    pretrain_lr: float = option(1e-3, "Adam learning rate of that pretraining and of the fit", check=positive_number)
+    init_restarts: int | None = option(
+        None, "--init vae-*: make this many starts, keep the one with the lowest probe objective", check=positive_int
+    )
+    init_probe_epochs: int = option(2, "GMVAE epochs each start trains before it is scored", check=positive_int)
+    init_fit_epochs: int | None = option(
+        None,
+        "--init vae-*: train the seated GMVAE this many epochs on its objective plus --init-fit-weight x the "
+        "cross-entropy to the partition (0: off)",
+        check=non_negative_int,
+    )
+    init_fit_weight: float = option(10.0, "weight of that cross-entropy", check=non_negative_number)
+    z_prior_weight: float = option(1.0, "eta, weight of the z-prior KL", check=non_negative_number)
+    cv_weight: float | None = option(None, "alpha, consistency-violation weight", check=non_negative_number)
+    free_bits: float = option(0.0, "lambda, free-bits threshold of the z prior (0: off)", check=non_negative_number)
+    seed: int = option(0, "random seed")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    out: str | None = option(None, "run folder (default runs/<data>-<guide>-K<K>-seed<seed>)")
+    train_subset: int | None = option(None, "use only the first N training examples", check=positive_int, optional=True)
+    test_subset: int | None = option(None, "use only the first N test examples", check=positive_int, optional=True)
+    progress: bool = option(True, "no progress bar", action="store_false", flag="--no-progress")
 
     def preset_name(self) -> str:
         if self.data.endswith(".npz"):
@@ -150,13 +178,75 @@ class Config:
                     values[key] = off
         return Config(**values)
 
+    def validate(self) -> None:
+        """Check a resolved config against every field's choices and check; raise UserInputError."""
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            valid = choices_of(f)
+            if valid is not None and value not in valid:
+                raise UserInputError(f"unknown {flag(f.name)} {value!r}; choose one of {', '.join(valid)}")
+            if meta.get("check") and not (value is None and meta.get("optional")):
+                meta["check"](f.name, value)
+        if self.init == "random":
+            for key, off in (("init_restarts", 1), ("init_fit_epochs", 0)):
+                if getattr(self, key) != off:
+                    raise UserInputError(
+                        f"{flag(key)} needs --init vae-kmeans or vae-umap (PyTorch's initialisation has no partition)"
+                    )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
+        """A config from saved values; keys of removed options (``extra``) are dropped."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known - set(REMOVED_KEYS))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}")
-        return cls(**values)
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+REMOVED_KEYS = ("extra",)  # in configs saved by earlier versions; ignored on load
+
+
+# --- the command line, derived from the fields ---------------------------------------------
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _arg_type(f: dataclasses.Field):
+    names = str(f.type).replace(" ", "").split("|")
+    return _TYPES.get(names[0], str)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``Config`` field, with its help, choices and default taken from the field.
+
+    No argparse ``choices`` or ``type`` errors: they span several lines, and
+    :meth:`Config.validate` names the valid values in one.  Pass ``argument_default=
+    argparse.SUPPRESS`` to the parser so that only flags the user gives reach the config.
+    """
+    presets = {key for values in DATA_PRESETS.values() for key in values}
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        help_text = meta["help"]
+        valid = choices_of(f)
+        if valid:
+            help_text += f"; one of {' | '.join(valid)}"
+        if "action" in meta:
+            parser.add_argument(meta.get("flag", flag(f.name)), dest=f.name, action=meta["action"], help=help_text)
+            continue
+        default = PRESET if f.name in presets else f.default
+        if default is not None and "(default" not in help_text:
+            help_text += f" (default: {default})"
+        parser.add_argument(flag(f.name), dest=f.name, type=_arg_type(f), metavar=f.name.upper(), help=help_text)
+
+
+def presets_table() -> str:
+    """The data presets as a plain-text table (for ``--help``)."""
+    names = list(DATA_PRESETS)
+    keys = list(DATA_PRESETS[names[0]])
+    width = max(map(len, keys)) + 2
+    lines = ["data presets (the defaults of options left unset):", " " * width + "".join(f"{n:>10}" for n in names)]
+    lines += [f"{k:<{width}}" + "".join(f"{DATA_PRESETS[n][k]!s:>10}" for n in names) for k in keys]
+    return "\n".join(lines)

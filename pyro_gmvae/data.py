@@ -142,7 +142,7 @@ def _read_svhn_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(labels)
 
 
-def load_svhn(root: str, download: bool = False, extra: bool = False) -> Dataset:
+def load_svhn(root: str, download: bool = False) -> Dataset:
     """SVHN (``<root>/svhn/{train,test}_32x32.mat``), pixels in [0, 1].
 
     torchvision downloads the files (``download=True``); they are then read directly with
@@ -150,7 +150,7 @@ def load_svhn(root: str, download: bool = False, extra: bool = False) -> Dataset
     official one, even offline, which would rule out test files and re-saved copies.
     """
     folder = Path(root) / "svhn"
-    splits = ("train", "test") + (("extra",) if extra else ())
+    splits = ("train", "test")
     if download:
         from torchvision.datasets import SVHN
 
@@ -158,9 +158,9 @@ def load_svhn(root: str, download: bool = False, extra: bool = False) -> Dataset
             _torchvision_split(SVHN, "SVHN", str(folder), split=split, download=True)
     for split in splits:
         _require_file(folder / f"{split}_32x32.mat", f"SVHN {split} split", downloadable=True)
-    train = [_read_svhn_mat(folder / f"{split}_32x32.mat") for split in splits if split != "test"]
+    x, labels = _read_svhn_mat(folder / "train_32x32.mat")
     x_test, labels_test = _read_svhn_mat(folder / "test_32x32.mat")
-    return Dataset("svhn", torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), x_test, labels_test)
+    return Dataset("svhn", x, labels, x_test, labels_test)
 
 
 # --- user arrays --------------------------------------------------------------------
@@ -245,4 +245,33 @@ def validate_dataset(data: Dataset, data_range: tuple[float, float] | None, batc
     if len(data.x) < batch_size:
         raise UserInputError(
             f"{data.name}: {len(data.x)} training examples, fewer than the batch size {batch_size}; lower --batch-size"
+        )
+
+
+def prepare_data(config, data: Dataset | None = None) -> Dataset:
+    """Load (unless given), subset and validate the data for a resolved config."""
+    from pyro_gmvae.likelihoods import LIKELIHOODS
+
+    if data is None:
+        data = load_dataset(config.data, config.data_root, config.download)
+    if config.train_subset:
+        data.x = data.x[: config.train_subset]
+        data.labels = None if data.labels is None else data.labels[: config.train_subset]
+    if config.test_subset:
+        data.x_test = data.x_test[: config.test_subset]
+        data.labels_test = None if data.labels_test is None else data.labels_test[: config.test_subset]
+    validate_dataset(data, LIKELIHOODS[config.likelihood].data_range, config.batch_size)
+    check_data_shape(config, data.data_shape)
+    return data
+
+
+def check_data_shape(config, data_shape: tuple[int, ...]) -> None:
+    """The conv networks only take C x 28 x 28 or C x 32 x 32 images."""
+    from pyro_gmvae.networks import CONV_LAYOUTS
+
+    if config.network == "conv" and (len(data_shape) != 3 or tuple(data_shape[1:]) not in CONV_LAYOUTS):
+        sizes = " or ".join(f"C x {h} x {w}" for h, w in CONV_LAYOUTS)
+        raise UserInputError(
+            f"{config.data}: examples of shape {tuple(data_shape)} do not fit --network conv, which needs {sizes} "
+            "images; use --network fc"
         )

@@ -134,3 +134,20 @@ def shutdown(info: DistInfo) -> None:
     """Leave the process group that :func:`init` joined."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn ``cpu``, ``cuda`` or ``cuda:N`` into a device, or raise UserInputError."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserInputError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserInputError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UserInputError(f"device {name!r} requested but only {count} GPU(s) exist (cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise UserInputError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    return device

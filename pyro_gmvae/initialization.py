@@ -5,14 +5,14 @@ The recipe of VaDE (Jiang et al. 2017), adapted to the GMVAE:
 1. pretrain the x-path alone, encoder trunk, q(x|y) heads and decoder, as a plain VAE with
    p(x) = N(0, I) (:func:`pretrain_vae`);
 2. partition the posterior means of x for the training set into K clusters
-   (:func:`partition_latents`): k-means on the means themselves (``vae-kmeans``), or
+   (:func:`~pyro_gmvae.partition.partition_latents`): k-means on the means themselves (``vae-kmeans``), or
    k-means on a 10-dimensional UMAP embedding of them (``vae-umap``, the recipe of N2D,
    McConville et al. 2020), which follows the curved manifolds a Gaussian cluster cannot;
 3. seat the K components of p(x | z, w) on the clusters: each component's location
    becomes its cluster's centroid and its scale the cluster's spread of x under q
    (the moment-matched Gaussian), while the prior network's weights are shrunk so that w
    starts with little influence, and q(w | y) is set to the prior N(0, I)
-   (:func:`seat_components`);
+   (:func:`~pyro_gmvae.partition.seat_components`);
 4. with ``--init-fit-epochs F`` (F > 0), fit the seated GMVAE to the partition for F epochs
    over the clustered examples: the GMVAE objective plus ``--init-fit-weight`` times the
    cross-entropy between the model's cluster posterior and the cluster of each example
@@ -30,37 +30,39 @@ optimised, and the partition comes from the data alone.
 Training then proceeds as usual from this start, with the plain GMVAE objective.  Without
 the fit, the v1 guide's cluster head q(z | y) is not fitted to the partition: it starts
 from PyTorch's initialisation.  The default (``--init random``) skips all of this and uses
-PyTorch's initialisation throughout.
+PyTorch's initialisation throughout.  :func:`initialize` runs the recipe for
+:func:`~pyro_gmvae.training.train`; every optimisation here goes through
+:func:`~pyro_gmvae.loop.run_epoch`.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import time
+from typing import TYPE_CHECKING
 
 import torch
 from pyro import distributions as dist
 from torch.distributions import kl_divergence
-from tqdm.auto import tqdm
 
-from pyro_gmvae.errors import UserInputError
-from pyro_gmvae.networks import SCALE_FLOOR
+from pyro_gmvae import posterior
+from pyro_gmvae.errors import NonFiniteLossError
+from pyro_gmvae.loop import is_invalid_values_error, progress_bar, run_epoch
 from pyro_gmvae.objective import make_elbo
-from pyro_gmvae.posterior import elbo_terms_dataset
+from pyro_gmvae.partition import partition_latents, seat_components
 
-INITS = ("random", "vae-kmeans", "vae-umap")
+if TYPE_CHECKING:
+    from pyro_gmvae.config import Config
+    from pyro_gmvae.data import Dataset
+
+logger = logging.getLogger(__name__)
+
 # How each --init partitions the latent means (the clustering of step 2 above).
 PARTITIONS = {"vae-kmeans": "kmeans", "vae-umap": "umap"}
-UMAP_DIM = 10  # N2D's embedding size; enough to keep MNIST's ten manifolds apart
-UMAP_NEIGHBOURS = 15
-
-
-def _epoch_batches(x_train: torch.Tensor, batch_size: int, generator: torch.Generator):
-    """One epoch of minibatches in the order ``generator`` shuffles; the ragged last batch is
-    dropped (BatchNorm needs more than one example)."""
-    perm = torch.randperm(len(x_train), generator=generator).to(x_train.device)
-    for step in range(len(x_train) // batch_size):
-        yield x_train[perm[step * batch_size : (step + 1) * batch_size]]
+__all__ = ["PARTITIONS", "fit_to_partition", "initialize", "partition_latents", "pretrain_vae", "probe_start"]
+__all__ += ["seat_components"]
 
 
 def pretrain_vae(
@@ -88,144 +90,30 @@ def pretrain_vae(
         *model.likelihood.parameters(),
     ]
     optimizer = torch.optim.Adam(params, lr=lr)
+
+    def vae_loss(y: torch.Tensor) -> torch.Tensor:
+        q = encoder(y)
+        q_x = dist.Normal(q["x_loc"], q["x_scale"]).to_event(1)
+        x = q_x.rsample()
+        p_x = dist.Normal(torch.zeros_like(x), 1.0).to_event(1)
+        return -(model.p_y(x).log_prob(y) - kl_divergence(q_x, p_x)).mean()
+
     model.train()
     guide.train()
     steps = len(x_train) // batch_size
+    bar = progress_bar(epochs * steps, "VAE pretraining", progress)
     losses = []
-    bar = tqdm(total=epochs * steps, disable=not progress, desc="VAE pretraining", unit="step", mininterval=0.5)
-    for _ in range(epochs):
-        total = torch.zeros((), device=x_train.device)
-        for y in _epoch_batches(x_train, batch_size, generator):
-            q = encoder(y)
-            q_x = dist.Normal(q["x_loc"], q["x_scale"]).to_event(1)
-            x = q_x.rsample()
-            p_x = dist.Normal(torch.zeros_like(x), 1.0).to_event(1)
-            elbo = model.p_y(x).log_prob(y) - kl_divergence(q_x, p_x)
-            loss = -elbo.mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            bar.update()
+    for epoch in range(1, epochs + 1):
+        total = run_epoch(
+            vae_loss, optimizer, x_train, batch_size, generator, bar=bar, epoch=epoch, explain=_hint("VAE pretraining")
+        )
         losses.append(total.item() / steps)
     bar.close()
     return losses
 
 
-def _inverse_softplus(t: torch.Tensor) -> torch.Tensor:
-    return t + torch.log(-torch.expm1(-t))  # log(exp(t) - 1), stable for large t
-
-
-def partition_latents(loc: torch.Tensor, num_clusters: int, seed: int, method: str = "kmeans") -> dict:
-    """Partition latent means ``loc`` (N, Dx) into ``num_clusters`` clusters.
-
-    ``method``: ``"kmeans"`` (k-means on ``loc``, 10 restarts) or ``"umap"`` (k-means on a
-    :data:`UMAP_DIM`-dimensional UMAP embedding of ``loc``, min_dist 0, seeded, one thread,
-    so the same seed gives the same partition).  Returns ``labels`` (N,) int64 and
-    ``inertia``, the k-means objective in the space it ran in.
-    """
-    from sklearn.cluster import KMeans
-
-    if len(loc) < num_clusters:
-        raise UserInputError(f"--init needs at least K={num_clusters} training examples to cluster, got {len(loc)}")
-    points = loc.double().cpu().numpy()
-    if method == "umap":
-        if len(loc) <= UMAP_DIM + 1:
-            raise UserInputError(f"--init vae-umap needs more than {UMAP_DIM + 1} training examples, got {len(loc)}")
-        try:
-            import umap
-        except ImportError:  # pragma: no cover - a declared dependency
-            raise UserInputError("--init vae-umap needs umap-learn: pip install umap-learn") from None
-        import warnings
-
-        reducer = umap.UMAP(
-            n_components=UMAP_DIM,
-            n_neighbors=min(UMAP_NEIGHBOURS, len(loc) - 1),
-            min_dist=0.0,
-            random_state=seed,
-            n_jobs=1,
-        )
-        with warnings.catch_warnings():  # "n_jobs overridden by random_state" and friends
-            warnings.simplefilter("ignore")
-            points = reducer.fit_transform(points)
-    elif method != "kmeans":
-        raise ValueError(f"unknown partition method {method!r}")
-    kmeans = KMeans(num_clusters, n_init=10, random_state=seed).fit(points)
-    return {"labels": torch.as_tensor(kmeans.labels_, dtype=torch.long), "inertia": float(kmeans.inertia_)}
-
-
-@torch.no_grad()
-def seat_components(
-    model,
-    guide,
-    x_train: torch.Tensor,
-    seed: int,
-    max_points: int = 20000,
-    shrink: float = 0.1,
-    method: str = "kmeans",
-):
-    """Put the K components of p(x | z, w) on a partition of q(x|y)'s means.
-
-    Parameters
-    ----------
-    model, guide
-        A GMVAE and its guide; the guide's ``encoder`` gives q(x | y).
-    x_train : Tensor
-        Training examples; the first ``max_points`` are encoded and partitioned.
-    seed : int
-        Seed of the partition (k-means, UMAP).
-    shrink : float
-        Factor on the prior network's head weights, so that mu_k(w) and sigma_k(w) start
-        close to the seated values for any w.
-    method : str
-        ``"kmeans"`` or ``"umap"``, see :func:`partition_latents`.
-
-    Returns
-    -------
-    dict
-        ``assignments`` (cluster of each partitioned example, int64 tensor on the CPU),
-        ``inertia`` (k-means objective).
-    """
-    num_clusters = model.prior.num_clusters
-    guide.eval()
-    y = x_train[:max_points]
-    q = [guide.encode(y[i : i + 1000]) for i in range(0, len(y), 1000)]
-    loc = torch.cat([b["x_loc"] for b in q])
-    var = torch.cat([b["x_scale"] for b in q]) ** 2
-    partition = partition_latents(loc, num_clusters, seed, method)
-    labels = partition["labels"].to(loc.device)
-    onehot = torch.nn.functional.one_hot(labels, num_clusters).to(loc.dtype)  # (N, K)
-    counts = onehot.sum(0)[:, None]  # (K, 1); k-means leaves no cluster empty
-    centroids = onehot.T @ loc / counts  # (K, Dx)
-    # Spread of x ~ q within the cluster: variance of the means plus the mean variance.
-    spread = onehot.T @ (loc**2 + var) / counts - centroids**2
-    scale = spread.clamp_min(4 * SCALE_FLOOR**2).sqrt()
-
-    # q(w | y) starts at the prior N(0, I): w carries nothing yet and costs no KL, so the
-    # first GMVAE steps do not pull the pretrained trunk towards a random w-path.
-    encoder = guide.encoder
-    encoder.w_loc.weight.zero_()
-    encoder.w_loc.bias.zero_()
-    encoder.w_scale.weight.zero_()
-    encoder.w_scale.bias.fill_(float(_inverse_softplus(torch.tensor(1.0 - SCALE_FLOOR))))
-
-    network = model.prior.network
-    network.loc_head.weight.mul_(shrink)
-    network.loc_head.bias.copy_(centroids.reshape(-1))
-    network.scale_head.weight.mul_(shrink)
-    network.scale_head.bias.copy_(_inverse_softplus(scale - SCALE_FLOOR).reshape(-1))
-    return {"assignments": partition["labels"], "inertia": partition["inertia"]}
-
-
-def cluster_log_probs(model, guide, q: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The cluster posterior the model assigns with, differentiable, shape (B, K).
-
-    v2 guide: log p(z | x, w) at the posterior means of q(x|y) and q(w|y); v1 guide: the
-    cluster head's log q(z | y).  ``q`` is the output of ``guide.encode``.
-    """
-    if guide.cluster_posterior == "guide":
-        return torch.log_softmax(q["z_logits"], -1)
-    return model.cluster_log_posterior(q["x_loc"], q["w_loc"])
+def _hint(what: str):
+    return lambda y: f"{what} diverged; lower --pretrain-lr"
 
 
 def fit_to_partition(
@@ -243,7 +131,8 @@ def fit_to_partition(
 ) -> dict:
     """Train the whole GMVAE on its objective plus ``weight`` x the cross-entropy to ``labels``.
 
-    ``x_points`` (N, ...) are the partitioned examples and ``labels`` (N,) their clusters.
+    ``x_points`` (N, ...) are the partitioned examples and ``labels`` (N,) their clusters;
+    the cross-entropy is that of the guide's cluster posterior r(z) at the posterior means.
     Uses its own Adam optimiser at ``lr`` and shuffles with ``generator``; a batch size
     above N is lowered to N.  Returns the mean loss (the GMVAE objective, nats per example)
     and the mean cross-entropy of each epoch.
@@ -254,20 +143,26 @@ def fit_to_partition(
     model.train()
     guide.train()
     labels = labels.to(x_points.device)
+
+    def cross_entropy(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.nll_loss(guide.cluster_log_probs(model, guide.encode(y)), labels[idx])
+
     steps = len(x_points) // batch_size
     record = {"loss": [], "cross_entropy": []}
-    bar = tqdm(total=epochs * steps, disable=not progress, desc="fit to the partition", unit="step", mininterval=0.5)
-    for _ in range(epochs):
-        totals = torch.zeros(2, device=x_points.device)
-        for idx in _epoch_batches(torch.arange(len(x_points), device=x_points.device), batch_size, generator):
-            y = x_points[idx]
-            elbo_loss = loss_fn(y) / len(y)
-            cross_entropy = torch.nn.functional.nll_loss(cluster_log_probs(model, guide, guide.encode(y)), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            (elbo_loss + weight * cross_entropy).backward()
-            optimizer.step()
-            totals += torch.stack([elbo_loss.detach(), cross_entropy.detach()])
-            bar.update()
+    bar = progress_bar(epochs * steps, "fit to the partition", progress)
+    for epoch in range(1, epochs + 1):
+        totals = run_epoch(
+            lambda y: loss_fn(y) / len(y),
+            optimizer,
+            x_points,
+            batch_size,
+            generator,
+            extra_loss=cross_entropy,
+            extra_weight=weight,
+            bar=bar,
+            epoch=epoch,
+            explain=_hint("the fit to the partition"),
+        )
         record["loss"].append(totals[0].item() / steps)
         record["cross_entropy"].append(totals[1].item() / steps)
     bar.close()
@@ -291,29 +186,106 @@ def probe_start(
     The copy trains with the full objective (no KL warm-up) and a fresh Adam at ``lr``.
     Returns ``loss``, the mean training objective per example (nats, lower is better) on
     the first ``score_points`` training examples after the probe, and ``cluster_entropy``,
-    the mean entropy of r(z) = p(z | x, w) there.  A probe that diverges scores ``inf``.
+    the mean entropy of p(z | x, w) there.  A probe that diverges scores ``inf``.
     """
     model, guide = copy.deepcopy(model), copy.deepcopy(guide)
     loss_fn = make_elbo(num_particles)(model, guide)
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=lr)
     model.train()
     guide.train()
-    steps = len(x_train) // batch_size
-    bar = tqdm(total=epochs * steps, disable=not progress, desc="probe of a start", unit="step", mininterval=0.5)
+    bar = progress_bar(epochs * (len(x_train) // batch_size), "probe of a start", progress)
     try:
-        for _ in range(epochs):
-            for y in _epoch_batches(x_train, batch_size, generator):
-                loss = loss_fn(y) / batch_size
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                bar.update()
-        terms = elbo_terms_dataset(model, guide, x_train[:score_points], num_particles)
-    except ValueError as err:  # Pyro's validation of NaN parameters: the probe diverged
-        if "found invalid values" not in str(err):
+        for epoch in range(1, epochs + 1):
+            run_epoch(
+                lambda y: loss_fn(y) / batch_size, optimizer, x_train, batch_size, generator, bar=bar, epoch=epoch
+            )
+        terms = posterior.elbo_terms_dataset(model, guide, x_train[:score_points], num_particles)
+    except (ValueError, NonFiniteLossError) as err:  # the probe diverged
+        if isinstance(err, ValueError) and not is_invalid_values_error(err):
             raise
         return {"loss": math.inf, "cluster_entropy": math.nan}
     finally:
         bar.close()
     score = float(terms["loss"].mean())
     return {"loss": score if math.isfinite(score) else math.inf, "cluster_entropy": float(terms["cv"].mean())}
+
+
+def initialize(
+    model,
+    guide,
+    data: Dataset,
+    x_train: torch.Tensor,
+    config: Config,
+    shuffle: torch.Generator,
+    progress: bool,
+    build=None,
+) -> dict:
+    """``--init vae-kmeans|vae-umap``: pretrain the x-path as a VAE, seat the components on a
+    partition of its latent means, and with ``config.init_fit_epochs`` > 0 fit the GMVAE to it.
+
+    With ``config.init_restarts`` R > 1, R starts are made (the first from ``model`` and
+    ``guide`` as given, the others from ``build()``, which returns a fresh model and guide on
+    the training device), each is probed (:func:`~pyro_gmvae.initialization.probe_start`)
+    and the one with the lowest objective is loaded into ``model`` and ``guide``.
+
+    Returns the record written to ``init.json``: pretraining losses, the k-means objective,
+    the fit's losses and cross-entropies, and the test metrics of the kept start before any
+    GMVAE training, and with R > 1 one such record per start (with its probe score; the test
+    metrics there are reported, never used to choose).  ``x_train`` is ``data.x`` already on
+    the training device.
+    """
+    t0 = time.perf_counter()
+    restarts = config.init_restarts
+    if restarts > 1 and build is None:
+        raise ValueError("initialize: init_restarts > 1 needs build()")
+    records, best, best_pair = [], None, None
+    for restart in range(restarts):
+        m, g = (model, guide) if restart == 0 else build()
+        losses = pretrain_vae(
+            m, g, x_train, config.pretrain_epochs, config.batch_size, config.pretrain_lr, shuffle, progress=progress
+        )
+        seated = seat_components(m, g, x_train, config.seed + restart, method=PARTITIONS[config.init])
+        record = {"pretrain_loss": losses, "kmeans_inertia": seated["inertia"]}
+        if config.init_fit_epochs > 0:
+            labels = seated["assignments"]
+            record["fit"] = fit_to_partition(
+                m, g, x_train[: len(labels)], labels, config.init_fit_epochs, config.batch_size,
+                config.pretrain_lr, config.init_fit_weight, config.mc_samples, shuffle, progress=progress,
+            )  # fmt: skip
+        if restarts > 1:
+            probe = probe_start(
+                m, g, x_train, config.init_probe_epochs, config.batch_size, config.lr, config.mc_samples, shuffle,
+                progress=progress,
+            )  # fmt: skip
+            finite = math.isfinite(probe["loss"])  # a diverged probe (inf) is never kept
+            record.update(
+                probe_loss=probe["loss"] if finite else None,  # None: diverged (JSON has no inf)
+                probe_cluster_entropy=probe["cluster_entropy"] if finite else None,
+            )
+            if finite and (best is None or probe["loss"] < records[best]["probe_loss"]):
+                best, best_pair = restart, (m, g)  # the seated start: the probe trained copies
+        record["test_at_init"] = posterior.evaluate(m, g, data)
+        records.append(record)
+        logger.info("start %d of %d: %s", restart + 1, restarts, record)
+    if restarts > 1 and best is None:
+        raise NonFiniteLossError(f"the probes of all {restarts} starts diverged; lower --lr")
+    if best:  # start 0 was made in model and guide themselves
+        model.load_state_dict(best_pair[0].state_dict())
+        guide.load_state_dict(best_pair[1].state_dict())
+    chosen = records[best or 0]
+    out = {
+        "init": config.init,
+        "pretrain_epochs": config.pretrain_epochs,
+        "pretrain_lr": config.pretrain_lr,
+        "pretrain_loss": chosen["pretrain_loss"],
+        "kmeans_inertia": chosen["kmeans_inertia"],
+        "fit_epochs": config.init_fit_epochs,
+        "fit_weight": config.init_fit_weight,
+        "fit": chosen.get("fit"),
+        "seconds": time.perf_counter() - t0,
+        "test_at_init": chosen["test_at_init"],
+    }
+    if restarts > 1:
+        out.update(restarts=records, chosen=best, probe_epochs=config.init_probe_epochs)
+    logger.info("initialised (%s): %s", config.init, out)
+    return out

@@ -132,10 +132,24 @@ def z_prior_adjustment(z_prior: torch.Tensor, reg: Regularization) -> torch.Tens
     return z_prior - reg.z_prior_weight * gated_z_prior(z_prior, reg.free_bits)
 
 
-def make_elbo(num_particles: int = 1, jit: bool = False) -> TraceEnum_ELBO:
-    """TraceEnum_ELBO configured for the GMVAE: one data plate, vectorised particles."""
-    cls = pyro.infer.JitTraceEnum_ELBO if jit else TraceEnum_ELBO
-    return cls(
+def use_module_local_params() -> None:
+    """Keep parameters in the modules, not in Pyro's global parameter store.
+
+    Pyro's recommended setting for PyroModules trained by a plain torch loop: two models in
+    one notebook never collide.  Called where models are built and ELBOs made (never at
+    import, which would change the user's Pyro behind their back).
+    """
+    pyro.settings.set(module_local_params=True)
+
+
+def make_elbo(num_particles: int = 1) -> TraceEnum_ELBO:
+    """TraceEnum_ELBO configured for the GMVAE: one data plate, vectorised particles.
+
+    Its loss module ``make_elbo(M)(model, guide)`` owns the parameters of both (see
+    :func:`use_module_local_params`, which this calls).
+    """
+    use_module_local_params()
+    return TraceEnum_ELBO(
         num_particles=num_particles,
         vectorize_particles=num_particles > 1,
         max_plate_nesting=1,
@@ -168,7 +182,6 @@ def elbo_terms(model, guide, y: torch.Tensor, num_particles: int = 1, closed_for
     dict of Tensor, each of shape (B,)
         ``recon``, ``cond_prior``, ``w_prior``, ``z_prior``, ``cv``, ``elbo``, ``loss``.
     """
-    reg = model.regularization
     q = guide.encode(y)
     q_w, q_x = guide.posteriors(q)
     sample_shape = torch.Size([num_particles])
@@ -179,10 +192,7 @@ def elbo_terms(model, guide, y: torch.Tensor, num_particles: int = 1, closed_for
     loc, scale = model.prior.components(w)  # (M, B, K, Dx)
     log_components = log_component_densities(loc, scale, x)  # (M, B, K)
     log_exact = posterior_from_densities(log_pi, log_components)  # p(z | x, w)
-    if guide.cluster_posterior == "exact":
-        log_r = log_exact
-    else:
-        log_r = torch.log_softmax(q["z_logits"], -1).expand_as(log_exact)  # q(z | y)
+    log_r = guide.cluster_log_probs(model, q, x, w).expand_as(log_exact)  # the guide's r(z)
     r = log_r.exp()
 
     recon = model.p_y(x).log_prob(y)  # (M, B)
@@ -199,6 +209,8 @@ def elbo_terms(model, guide, y: torch.Tensor, num_particles: int = 1, closed_for
     z_prior = kl_categorical(log_r, log_pi)
     cv = entropy(log_exact)
     elbo = recon - cond_prior - w_prior - z_prior
-    loss = -elbo - z_prior_adjustment(z_prior, reg) + reg.cv_weight * cv
+    # The regularisers are the factors model and guide issue (a guide factor enters
+    # the loss with the opposite sign to a model factor).
+    loss = -elbo - model.regularizer(x, w, log_components) + guide.regularizer(q)
     terms = dict(recon=recon, cond_prior=cond_prior, w_prior=w_prior, z_prior=z_prior, cv=cv, elbo=elbo, loss=loss)
     return {name: value.mean(0) for name, value in terms.items()}

@@ -14,6 +14,7 @@ import torch
 from pyro import poutine
 from pyro.infer import infer_discrete
 
+from pyro_gmvae.metrics import clustering_metrics
 from pyro_gmvae.objective import elbo_terms
 
 
@@ -65,20 +66,17 @@ def cluster_probs(
     with evaluating(model, guide):
         for batch in _batches(y, batch_size, device):
             q = guide.encode(batch)
-            if guide.cluster_posterior == "guide":
-                out.append(torch.softmax(q["z_logits"], -1))
-                continue
             if num_samples == 0:
-                w, x = q["w_loc"], q["x_loc"]
-            else:
-                shape = (num_samples,) + q["w_loc"].shape
-                noise = torch.randn(shape, device=device, dtype=q["w_loc"].dtype, generator=generator)
-                w = q["w_loc"] + q["w_scale"] * noise  # (S, B, Dw)
-                shape = (num_samples,) + q["x_loc"].shape
-                noise = torch.randn(shape, device=device, dtype=q["x_loc"].dtype, generator=generator)
-                x = q["x_loc"] + q["x_scale"] * noise  # (S, B, Dx)
-            probs = model.cluster_log_posterior(x, w).exp()
-            out.append(probs if num_samples == 0 else probs.mean(0))
+                out.append(guide.cluster_log_probs(model, q).exp())  # at the posterior means
+                continue
+            shape = (num_samples,) + q["w_loc"].shape
+            noise = torch.randn(shape, device=device, dtype=q["w_loc"].dtype, generator=generator)
+            w = q["w_loc"] + q["w_scale"] * noise  # (S, B, Dw)
+            shape = (num_samples,) + q["x_loc"].shape
+            noise = torch.randn(shape, device=device, dtype=q["x_loc"].dtype, generator=generator)
+            x = q["x_loc"] + q["x_scale"] * noise  # (S, B, Dx)
+            probs = guide.cluster_log_probs(model, q, x, w).exp()  # (S, B, K), or (B, K) for q(z|y)
+            out.append(probs.mean(0) if probs.dim() == 3 else probs)
     return torch.cat(out).cpu()
 
 
@@ -164,6 +162,14 @@ def elbo_terms_dataset(model, guide, y: torch.Tensor, num_particles: int = 1, ba
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
+def evaluate(model, guide, data) -> dict:
+    """Mean ELBO terms and clustering metrics on the test split of ``data`` (a Dataset)."""
+    terms = elbo_terms_dataset(model, guide, data.x_test)
+    out = {name: float(value.mean()) for name, value in terms.items()}
+    out.update(clustering_metrics(cluster_probs(model, guide, data.x_test), data.labels_test))
+    return out
+
+
 def _draws(fn, num_samples: int):
     """``fn`` with an outer ``"draws"`` plate at dim -2, so every site gets S draws at once."""
 
@@ -211,10 +217,8 @@ def posterior_draws(model, guide, y: torch.Tensor, num_samples: int = 100, batch
                 conditioned = infer_discrete(conditioned, first_available_dim=-3, temperature=1)
             model_trace = poutine.trace(conditioned).get_trace(batch)
             z = model_trace.nodes["z"]["value"]  # (S, B)
-            if guide.cluster_posterior == "guide":
-                probs = torch.softmax(guide.encode(batch)["z_logits"], -1).expand(num_samples, -1, -1)
-            else:
-                probs = model.cluster_log_posterior(x, w).exp()  # (S, B, K)
+            log_r = guide.cluster_log_probs(model, guide.encode(batch), x, w)
+            probs = log_r.exp().expand(num_samples, -1, -1)  # (S, B, K)
             log_lik = model_trace.nodes["y"]["fn"].log_prob(batch)  # (S, B)
             for key, value in dict(w=w, x=x, z=z, cluster_probs=probs, log_likelihood=log_lik).items():
                 parts.setdefault(key, []).append(value.cpu())

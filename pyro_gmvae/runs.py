@@ -1,4 +1,4 @@
-"""Load a finished (or interrupted) run folder and query its posterior.
+"""A trained run: :class:`Run`, what ``train`` returns and ``load_run`` loads from a run folder.
 
 ``load_run(path)`` rebuilds model and guide from the folder alone: ``checkpoint.pt`` holds
 the resolved config, the data shape and both state dicts.  The returned :class:`Run`
@@ -25,8 +25,10 @@ from pyro_gmvae import checkpoint as ckpt
 from pyro_gmvae import posterior
 from pyro_gmvae.build import build_model_and_guide
 from pyro_gmvae.config import Config
-from pyro_gmvae.data import Dataset
+from pyro_gmvae.data import Dataset, prepare_data
+from pyro_gmvae.distributed import resolve_device
 from pyro_gmvae.errors import UserInputError
+from pyro_gmvae.runfolder import final_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +44,16 @@ def _as_tensor(y) -> torch.Tensor:
 
 @dataclass
 class Run:
-    """A trained GMVAE loaded from its run folder, ready to query.
+    """A trained GMVAE with its run folder, ready to query.
+
+    :func:`~pyro_gmvae.training.train` returns one (modules as training left them) and
+    :func:`load_run` loads one (modules in eval mode); the queries switch to eval mode for
+    the call either way.
 
     Attributes
     ----------
     path : Path
-        The run folder.
+        The run folder (``out`` is the same).
     config : Config
         The resolved options the run was trained with.
     model, guide : PyroModule
@@ -78,6 +84,11 @@ class Run:
         )
 
     @property
+    def out(self) -> Path:
+        """The run folder (the name ``train`` results used)."""
+        return self.path
+
+    @property
     def num_clusters(self) -> int:
         """K."""
         return self.model.prior.num_clusters
@@ -89,8 +100,6 @@ class Run:
         With ``subsets=True`` (default) the run's ``train_subset`` / ``test_subset`` apply,
         so the arrays are exactly the ones it trained and was evaluated on.
         """
-        from pyro_gmvae.training import prepare_data
-
         config = self.config
         if not subsets:
             config = Config.from_dict({**config.to_dict(), "train_subset": None, "test_subset": None})
@@ -212,8 +221,6 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         No or unreadable checkpoint, a checkpoint of another format version, a config this
         version does not know, or weights that do not fit the saved architecture.
     """
-    from pyro_gmvae.training import final_metrics, resolve_device
-
     path = Path(path)
     folder, file = (path.parent, path) if path.suffix == ".pt" else (path, path / ckpt.CHECKPOINT_NAME)
     device = resolve_device(str(device))
@@ -226,6 +233,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         )
     try:
         config = Config.from_dict(dict(state["config"]))
+        config.validate()
         model, guide = build_model_and_guide(config, tuple(state["data_shape"]))
     except (TypeError, ValueError) as err:
         saved = state.get("versions", {}).get("pyro_gmvae", "unknown")

@@ -75,20 +75,21 @@ def _worker(rank: int, port: int, out: str, log_dir: str) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     from pyro_gmvae import checkpoint, training
+    from pyro_gmvae.runfolder import RunFolder
 
     writes = []
-    write_bytes, append_jsonl = checkpoint.atomic_write_bytes, training._append_jsonl
+    write_bytes, append_line = checkpoint.atomic_write_bytes, RunFolder._append_line
 
     def counted_write(path, payload):
         writes.append(str(path))
         write_bytes(path, payload)
 
-    def counted_append(path, row):
-        writes.append(str(path))
-        append_jsonl(path, row)
+    def counted_append(folder, name, line):
+        writes.append(str(folder.path / name))
+        append_line(folder, name, line)
 
     checkpoint.atomic_write_bytes = counted_write
-    training._append_jsonl = counted_append
+    RunFolder._append_line = counted_append
     result = training.train(_config(Path(out)), data=_dataset(), make_figures=False)
     record = {"writes": writes, "final": result.final, "history": len(result.history)}
     Path(log_dir, f"rank{rank}.json").write_text(json.dumps(record))

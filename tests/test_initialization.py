@@ -14,7 +14,6 @@ from pyro_gmvae import Config, train
 from pyro_gmvae.build import build_model_and_guide
 from pyro_gmvae.errors import NonFiniteLossError, UserInputError
 from pyro_gmvae.initialization import (
-    cluster_log_probs,
     fit_to_partition,
     partition_latents,
     pretrain_vae,
@@ -108,7 +107,7 @@ def test_pretraining_fits_the_x_path_only():
 
 
 def test_inverse_softplus_round_trip():
-    from pyro_gmvae.initialization import _inverse_softplus
+    from pyro_gmvae.partition import _inverse_softplus
 
     t = torch.tensor([1e-4, 0.1, 1.0, 30.0, 200.0], dtype=torch.float64)
     torch.testing.assert_close(F.softplus(_inverse_softplus(t)), t)
@@ -157,7 +156,7 @@ def test_probe_scores_a_trained_copy_and_leaves_the_start_untouched():
 
 def test_restarts_keep_the_start_with_the_lowest_probe_objective(tmp_path, monkeypatch):
     """The start whose probe scored lowest is the one loaded into the model; its record is init.json's."""
-    import pyro_gmvae.training as training
+    import pyro_gmvae.initialization as initialization
 
     scores = iter([5.0, 1.0, 3.0])  # start 1 wins
     seated = []  # each start's seated component locations, as the probe sees them
@@ -166,7 +165,7 @@ def test_restarts_keep_the_start_with_the_lowest_probe_objective(tmp_path, monke
         seated.append(model.state_dict()["prior.network.loc_head.bias"].clone())
         return {"loss": next(scores), "cluster_entropy": 0.5}
 
-    monkeypatch.setattr(training, "probe_start", fake_probe)
+    monkeypatch.setattr(initialization, "probe_start", fake_probe)
     run = train(
         Config(out=str(tmp_path / "r"), epochs=1, init="vae-kmeans", pretrain_epochs=1, init_restarts=3, **SMALL),
         make_figures=False,
@@ -183,9 +182,9 @@ def test_restarts_keep_the_start_with_the_lowest_probe_objective(tmp_path, monke
 
 
 def test_one_restart_runs_no_probe(tmp_path, monkeypatch):
-    import pyro_gmvae.training as training
+    import pyro_gmvae.initialization as initialization
 
-    monkeypatch.setattr(training, "probe_start", lambda *a, **k: pytest.fail("probe with one start"))
+    monkeypatch.setattr(initialization, "probe_start", lambda *a, **k: pytest.fail("probe with one start"))
     train(Config(out=str(tmp_path / "r"), epochs=1, init="vae-kmeans", pretrain_epochs=1, **SMALL), make_figures=False)
     assert "restarts" not in json.loads((tmp_path / "r" / "init.json").read_text())
 
@@ -201,17 +200,17 @@ def test_a_diverged_probe_scores_inf():
 
 
 def test_diverged_starts_are_never_kept(tmp_path, monkeypatch):
-    import pyro_gmvae.training as training
+    import pyro_gmvae.initialization as initialization
 
     inf = float("inf")
     scores = iter([inf, 2.0, inf])
-    monkeypatch.setattr(training, "probe_start", lambda *a, **k: {"loss": next(scores), "cluster_entropy": 0.5})
+    monkeypatch.setattr(initialization, "probe_start", lambda *a, **k: {"loss": next(scores), "cluster_entropy": 0.5})
     config = dict(epochs=1, init="vae-kmeans", pretrain_epochs=1, init_restarts=3, **SMALL)
     train(Config(out=str(tmp_path / "r"), **config), make_figures=False)
     record = json.loads((tmp_path / "r" / "init.json").read_text())
     assert record["chosen"] == 1 and [r["probe_loss"] for r in record["restarts"]] == [None, 2.0, None]
 
-    monkeypatch.setattr(training, "probe_start", lambda *a, **k: {"loss": inf, "cluster_entropy": float("nan")})
+    monkeypatch.setattr(initialization, "probe_start", lambda *a, **k: {"loss": inf, "cluster_entropy": float("nan")})
     with pytest.raises(NonFiniteLossError, match="all 3 starts diverged"):
         train(Config(out=str(tmp_path / "all"), **config), make_figures=False)
 
@@ -266,7 +265,7 @@ def test_fit_teaches_the_cluster_posterior_a_partition(guide_name):
     y, blob = _blobs()
     target = (blob + 1) % 3  # any relabelling of the blobs: the fit must learn this one
     guide.eval()
-    before = (cluster_log_probs(model, guide, guide.encode(y)).argmax(-1) == target).float().mean()
+    before = (guide.cluster_log_probs(model, guide.encode(y)).argmax(-1) == target).float().mean()
     record = fit_to_partition(
         model,
         guide,
@@ -283,7 +282,7 @@ def test_fit_teaches_the_cluster_posterior_a_partition(guide_name):
     assert record["cross_entropy"][-1] < 0.1 * record["cross_entropy"][0]
     guide.eval()
     model.eval()
-    after = (cluster_log_probs(model, guide, guide.encode(y)).argmax(-1) == target).float().mean()
+    after = (guide.cluster_log_probs(model, guide.encode(y)).argmax(-1) == target).float().mean()
     assert before < 0.7 and after > 0.98
     # A batch larger than the partitioned set (--batch-size above 20,000) is one full batch.
     record = fit_to_partition(
@@ -321,5 +320,5 @@ def test_no_fit_by_default_and_none_without_a_partition(tmp_path):
         train(Config(out=str(tmp_path / "r"), epochs=1, init_fit_epochs=2, **SMALL), make_figures=False)
     with pytest.raises(UserInputError, match="--init-fit-epochs must be an integer >= 0"):
         train(Config(out=str(tmp_path / "r"), epochs=1, init="vae-kmeans", init_fit_epochs=-1, **SMALL))
-    with pytest.raises(UserInputError, match="--init-fit-weight must be a number >= 0"):
+    with pytest.raises(UserInputError, match="--init-fit-weight must be a finite number >= 0"):
         train(Config(out=str(tmp_path / "r"), epochs=1, init="vae-kmeans", init_fit_weight=-1.0, **SMALL))

@@ -125,7 +125,7 @@ def _custom_model(guide_name: str, data_dim: int = 4, reg: Regularization = Regu
         guide = ClusterHeadGuide(encoder, reg, cluster_log_weights=prior.cluster_log_weights)
     else:
         guide = ExactGuide(Encoder(FCTrunk((data_dim,), HIDDEN), X_DIM, W_DIM))
-    model = GMVAE(prior, likelihood, decoder, (data_dim,), reg, cluster_posterior=guide.cluster_posterior)
+    model = GMVAE(prior, likelihood, decoder, (data_dim,), type(guide).model_regularization(reg))
     return model, guide
 
 
@@ -176,7 +176,7 @@ def test_custom_prior_w_term_is_its_own_kl(tiny_mixture):
     num_samples = 20000
     with torch.no_grad():
         reported = elbo_terms(model, guide, y, num_particles=num_samples)["w_prior"]
-        q_w = guide.q_w(y)
+        q_w, _ = guide.posteriors(guide.encode(y))
         w = q_w.sample((num_samples,))
         estimate = q_w.log_prob(w) - model.prior.p_w(len(y)).log_prob(w)  # (S, B)
     standard_error = estimate.std(0) / math.sqrt(num_samples)

@@ -100,7 +100,7 @@ def hand_terms(model, guide, y, w_sample, x_sample):
     posterior = joint.exp() / joint.exp().sum(-1, keepdim=True)  # Bayes' rule, p(z | x, w)
     cv = td.Categorical(probs=posterior).entropy()
     base = log_p_y + log_p_w - log_q_w - log_q_x
-    if guide.cluster_posterior == "exact":
+    if "z_logits" not in q:  # the v2 guide: r = p(z | x, w)
         # log sum_k pi_k N(x; mu_k, sigma_k): z summed out in the model
         elbo = base + torch.logsumexp(joint, -1)
         z_prior = td.kl_divergence(td.Categorical(probs=posterior), td.Categorical(probs=pi))

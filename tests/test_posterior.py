@@ -154,7 +154,7 @@ def test_unknown_config_is_a_clear_error(trained, tmp_path):
     folder = tmp_path / "edited"
     config = {**trained.config.to_dict(), "guide": "v9"}
     save_checkpoint(folder / CHECKPOINT_NAME, {**load_checkpoint(trained.out / CHECKPOINT_NAME), "config": config})
-    with pytest.raises(UserInputError, match="unknown guide 'v9'"):
+    with pytest.raises(UserInputError, match="unknown --guide 'v9'"):
         load_run(folder)
 
 

@@ -25,8 +25,8 @@ import pytest
 import torch
 from test_checkpoint import rebuild
 
-import pyro_gmvae.training as training
 from pyro_gmvae import checkpoint as ckpt
+from pyro_gmvae import posterior
 from pyro_gmvae.config import Config
 from pyro_gmvae.data import Dataset, load_spiral
 from pyro_gmvae.errors import NonFiniteLossError
@@ -59,7 +59,7 @@ def _fail_after_epoch(monkeypatch, corrupt, at_epoch: int = 2):
     that moment, and every shuffle permutation the loop drew.
     """
     seen: dict = {"perms": []}
-    real_evaluate, real_save, real_randperm = training.evaluate, ckpt.save_checkpoint, torch.randperm
+    real_evaluate, real_save, real_randperm = posterior.evaluate, ckpt.save_checkpoint, torch.randperm
 
     def evaluate(model, guide, data, *args, **kwargs):
         seen.update(model=model, guide=guide, data=data)
@@ -78,7 +78,7 @@ def _fail_after_epoch(monkeypatch, corrupt, at_epoch: int = 2):
             seen["perms"].append(perm.clone())
         return perm
 
-    monkeypatch.setattr(training, "evaluate", evaluate)
+    monkeypatch.setattr(posterior, "evaluate", evaluate)
     monkeypatch.setattr(ckpt, "save_checkpoint", save_checkpoint)
     monkeypatch.setattr(torch, "randperm", randperm)
     return seen

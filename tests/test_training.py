@@ -106,24 +106,22 @@ def test_learning_rate_schedule_is_constant_or_cosine():
 
 
 def test_kl_warmup_weights_rise_to_one_and_the_objective_is_recon_minus_beta_kl():
-    """With recon_boost c = (1 - beta) / beta the loss is -(recon - beta KL) / beta."""
+    """With kl_weight beta passed to the model the loss is -(recon - beta KL) / beta."""
     import pyro
 
     from pyro_gmvae.build import build_model_and_guide
     from pyro_gmvae.objective import elbo_terms, make_elbo
-    from pyro_gmvae.training import warmup_recon_boost
+    from pyro_gmvae.training import kl_weight
 
     config = Config(kl_warmup=3, epochs=6)
-    betas = [1 / (1 + warmup_recon_boost(config, e)) for e in range(1, 7)]
+    betas = [kl_weight(config, e) for e in range(1, 7)]
     assert betas == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
 
     model, guide = build_model_and_guide(Config(K=3, x_dim=2, w_dim=2, hidden_dim=8).resolved(), (2,))
     y = torch.randn(7, 2)
     beta = 0.25
-    model.recon_boost = (1 - beta) / beta
     pyro.set_rng_seed(1)
-    loss = make_elbo(1)(model, guide)(y)
-    model.recon_boost = 0.0
+    loss = make_elbo(1)(model, guide)(y, kl_weight=beta)
     pyro.set_rng_seed(1)
     terms = elbo_terms(model, guide, y, 1, closed_form_w=False)
     kl = terms["recon"] - terms["elbo"]

@@ -1,0 +1,122 @@
+"""Partitions of the latent means and seating the mixture on one (steps 2 and 3 of ``--init``).
+
+:func:`partition_latents` clusters q(x|y)'s means: k-means on the means themselves
+(``vae-kmeans``), or k-means on a UMAP embedding of them (``vae-umap``, N2D's recipe,
+McConville et al. 2020), which follows curved manifolds a Gaussian cluster cannot.
+:func:`seat_components` then puts the K components of p(x | z, w) on the clusters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyro_gmvae.errors import UserInputError
+from pyro_gmvae.networks import SCALE_FLOOR
+
+UMAP_DIM = 10  # N2D's embedding size; enough to keep MNIST's ten manifolds apart
+UMAP_NEIGHBOURS = 15
+
+
+def _inverse_softplus(t: torch.Tensor) -> torch.Tensor:
+    return t + torch.log(-torch.expm1(-t))  # log(exp(t) - 1), stable for large t
+
+
+def partition_latents(loc: torch.Tensor, num_clusters: int, seed: int, method: str = "kmeans") -> dict:
+    """Partition latent means ``loc`` (N, Dx) into ``num_clusters`` clusters.
+
+    ``method``: ``"kmeans"`` (k-means on ``loc``, 10 restarts) or ``"umap"`` (k-means on a
+    :data:`UMAP_DIM`-dimensional UMAP embedding of ``loc``, min_dist 0, seeded, one thread,
+    so the same seed gives the same partition).  Returns ``labels`` (N,) int64 and
+    ``inertia``, the k-means objective in the space it ran in.
+    """
+    from sklearn.cluster import KMeans
+
+    if len(loc) < num_clusters:
+        raise UserInputError(f"--init needs at least K={num_clusters} training examples to cluster, got {len(loc)}")
+    points = loc.double().cpu().numpy()
+    if method == "umap":
+        if len(loc) <= UMAP_DIM + 1:
+            raise UserInputError(f"--init vae-umap needs more than {UMAP_DIM + 1} training examples, got {len(loc)}")
+        try:
+            import umap
+        except ImportError:  # pragma: no cover - a declared dependency
+            raise UserInputError("--init vae-umap needs umap-learn: pip install umap-learn") from None
+        import warnings
+
+        reducer = umap.UMAP(
+            n_components=UMAP_DIM,
+            n_neighbors=min(UMAP_NEIGHBOURS, len(loc) - 1),
+            min_dist=0.0,
+            random_state=seed,
+            n_jobs=1,
+        )
+        with warnings.catch_warnings():  # "n_jobs overridden by random_state" and friends
+            warnings.simplefilter("ignore")
+            points = reducer.fit_transform(points)
+    elif method != "kmeans":
+        raise ValueError(f"unknown partition method {method!r}")
+    kmeans = KMeans(num_clusters, n_init=10, random_state=seed).fit(points)
+    return {"labels": torch.as_tensor(kmeans.labels_, dtype=torch.long), "inertia": float(kmeans.inertia_)}
+
+
+@torch.no_grad()
+def seat_components(
+    model,
+    guide,
+    x_train: torch.Tensor,
+    seed: int,
+    max_points: int = 20000,
+    shrink: float = 0.1,
+    method: str = "kmeans",
+):
+    """Put the K components of p(x | z, w) on a partition of q(x|y)'s means.
+
+    Parameters
+    ----------
+    model, guide
+        A GMVAE and its guide; the guide's ``encoder`` gives q(x | y).
+    x_train : Tensor
+        Training examples; the first ``max_points`` are encoded and partitioned.
+    seed : int
+        Seed of the partition (k-means, UMAP).
+    shrink : float
+        Factor on the prior network's head weights, so that mu_k(w) and sigma_k(w) start
+        close to the seated values for any w.
+    method : str
+        ``"kmeans"`` or ``"umap"``, see :func:`partition_latents`.
+
+    Returns
+    -------
+    dict
+        ``assignments`` (cluster of each partitioned example, int64 tensor on the CPU),
+        ``inertia`` (k-means objective).
+    """
+    num_clusters = model.prior.num_clusters
+    guide.eval()
+    y = x_train[:max_points]
+    q = [guide.encode(y[i : i + 1000]) for i in range(0, len(y), 1000)]
+    loc = torch.cat([b["x_loc"] for b in q])
+    var = torch.cat([b["x_scale"] for b in q]) ** 2
+    partition = partition_latents(loc, num_clusters, seed, method)
+    labels = partition["labels"].to(loc.device)
+    onehot = torch.nn.functional.one_hot(labels, num_clusters).to(loc.dtype)  # (N, K)
+    counts = onehot.sum(0)[:, None]  # (K, 1); k-means leaves no cluster empty
+    centroids = onehot.T @ loc / counts  # (K, Dx)
+    # Spread of x ~ q within the cluster: variance of the means plus the mean variance.
+    spread = onehot.T @ (loc**2 + var) / counts - centroids**2
+    scale = spread.clamp_min(4 * SCALE_FLOOR**2).sqrt()
+
+    # q(w | y) starts at the prior N(0, I): w carries nothing yet and costs no KL, so the
+    # first GMVAE steps do not pull the pretrained trunk towards a random w-path.
+    encoder = guide.encoder
+    encoder.w_loc.weight.zero_()
+    encoder.w_loc.bias.zero_()
+    encoder.w_scale.weight.zero_()
+    encoder.w_scale.bias.fill_(float(_inverse_softplus(torch.tensor(1.0 - SCALE_FLOOR))))
+
+    network = model.prior.network
+    network.loc_head.weight.mul_(shrink)
+    network.loc_head.bias.copy_(centroids.reshape(-1))
+    network.scale_head.weight.mul_(shrink)
+    network.scale_head.bias.copy_(_inverse_softplus(scale - SCALE_FLOOR).reshape(-1))
+    return {"assignments": partition["labels"], "inertia": partition["inertia"]}

@@ -1,0 +1,252 @@
+"""A run folder: what a training run writes, and the rules for reusing one.
+
+Layout::
+
+    config.json      the resolved options and the library versions
+    metrics.jsonl    one line per finished epoch (rewritten from the checkpoint on resume)
+    init.json        what ``--init vae-*`` did before the first epoch
+    metrics.json     the final summary
+    checkpoint.pt    model, guide, optimiser, RNG state and history (atomic, see checkpoint.py)
+    figures/         written by plots.make_run_figures
+
+:class:`RunFolder` owns the folder policy (a new run never silently replaces another; a
+resumed one must fit its checkpoint), every file it writes and the RNG state kept in the
+checkpoint.  Every write goes through :meth:`RunFolder._write_text`,
+:meth:`RunFolder._append_line` or :meth:`RunFolder.save_checkpoint`, and the folder is made
+ready in :meth:`RunFolder.open`: the places to add a lock or to turn ``OSError`` into a
+one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+
+from pyro_gmvae import checkpoint as ckpt
+from pyro_gmvae.config import Config
+from pyro_gmvae.errors import UserInputError
+
+# Options that fix the architecture: a checkpoint only resumes or loads under the same ones.
+ARCHITECTURE_KEYS = ("data", "network", "likelihood", "prior", "guide", "K", "x_dim", "w_dim", "hidden_dim")
+# What a checkpoint must hold to resume a run.
+RESUME_KEYS = ("config", "data_shape", "model", "guide", "optimizer", "rng", "epoch", "history")
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+INIT_NAME = "init.json"
+SUMMARY_NAME = "metrics.json"
+FINAL_KEYS = ("acc_paper", "acc_hungarian", "purity", "nmi", "ari", "elbo", "clusters_used", "epochs", "seconds")
+
+
+def final_metrics(history: list[dict]) -> dict:
+    """The ``metrics.json`` summary from the last epoch's evaluation."""
+    last = history[-1]
+    final = {key: last.get(key) for key in FINAL_KEYS}
+    final.update(elbo=last["test_elbo"], epochs=last["epoch"], seconds=last["elapsed"])
+    return final
+
+
+def versions() -> dict:
+    """Versions of the libraries a run was trained with (saved with config and checkpoint)."""
+    import pyro_gmvae
+
+    return {
+        "pyro_gmvae": pyro_gmvae.__version__,
+        "pyro": pyro.__version__,
+        "torch": str(torch.__version__),  # TorchVersion is refused by weights_only loading
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def rng_state(shuffle: torch.Generator) -> dict:
+    """Every random number generator a run draws from, as checkpoint-safe values."""
+    # numpy's state holds an ndarray, which weights_only loading refuses: store a tensor.
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "shuffle": shuffle.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, shuffle: torch.Generator) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    shuffle.set_state(state["shuffle"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_compatible(saved: dict, config: Config) -> None:
+    """A checkpoint only fits a config with the same architecture; say which option differs."""
+    diffs = [
+        f"--{k.replace('_', '-')} {getattr(config, k)!r} but the checkpoint has {saved.get(k)!r}"
+        for k in ARCHITECTURE_KEYS
+        if saved.get(k) != getattr(config, k)
+    ]
+    if diffs:
+        raise UserInputError(
+            "cannot resume: " + "; ".join(diffs) + "; drop these flags to resume, or start a new run in another --out"
+        )
+
+
+class RunFolder:
+    """The folder of one run.
+
+    Parameters
+    ----------
+    path : str or Path
+    writer : bool
+        Whether this process writes (rank 0 under ``torchrun``); the others only read.
+    """
+
+    def __init__(self, path: str | Path, writer: bool = True):
+        self.path = Path(path)
+        self.writer = writer
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @staticmethod
+    def default_path(config: Config) -> Path:
+        """``runs/<data>-<guide>-K<K>-seed<seed>`` for a resolved config."""
+        name = Path(config.data).stem if config.data.endswith(".npz") else config.data
+        return Path("runs") / f"{name}-{config.guide}-K{config.K}-seed{config.seed}"
+
+    @classmethod
+    def for_config(cls, config: Config, writer: bool = True) -> RunFolder:
+        """The folder of a resolved config: ``config.out``, or :meth:`default_path`."""
+        return cls(config.out or cls.default_path(config), writer)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / ckpt.CHECKPOINT_NAME
+
+    # --- policy -------------------------------------------------------------------------
+    def _killed_before_first_checkpoint(self) -> bool:
+        # Such a run left config.json and an empty metrics.jsonl; resuming starts it at epoch 0.
+        metrics = self.path / METRICS_NAME
+        return (self.path / CONFIG_NAME).is_file() and (not metrics.exists() or metrics.stat().st_size == 0)
+
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to train into a folder that holds another run, unless told to."""
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise UserInputError(f"--out {out} is a file, not a folder; pass a folder for the run")
+        if resume:
+            if not self.checkpoint_path.is_file() and not self._killed_before_first_checkpoint():
+                raise UserInputError(f"--resume given but {out} holds no checkpoint; drop --resume to start a new run")
+            return
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise UserInputError(f"cannot write the run folder {out}: {existing} is not writable; pass another --out")
+        if out.exists() and any(out.iterdir()):
+            if not overwrite:
+                raise UserInputError(
+                    f"{out} already holds files; pass --resume to continue it or --overwrite to replace it"
+                )
+            if not ((out / CONFIG_NAME).is_file() or self.checkpoint_path.is_file()):
+                # --overwrite deletes the folder: only ever one that a run wrote.
+                raise UserInputError(
+                    f"--overwrite refused: {out} holds files but no run (no config.json); pass another --out"
+                )
+
+    def resume_config(self, given: dict) -> Config:
+        """The saved options of the run here, overridden by the options ``given`` now.
+
+        The result is checked against the checkpoint (:func:`check_compatible`) when
+        training starts.
+        """
+        config_file = self.path / CONFIG_NAME
+        if not config_file.is_file():
+            raise UserInputError(f"--resume given but {config_file} does not exist; pass the run folder with --out")
+        try:
+            saved = json.loads(config_file.read_text())
+        except json.JSONDecodeError:
+            raise UserInputError(f"{config_file} is not valid JSON; the run folder is damaged") from None
+        saved.pop("versions", None)
+        try:
+            return Config.from_dict({**saved, **given, "out": str(self.path)})
+        except (TypeError, ValueError) as err:
+            raise UserInputError(f"{config_file} does not hold a pyro_gmvae config ({err})") from None
+
+    def resume_state(self, config: Config) -> dict | None:
+        """The checkpoint to resume ``config`` from, checked; None if the run died before its first."""
+        if not self.checkpoint_path.is_file():
+            return None
+        state = ckpt.load_checkpoint(self.checkpoint_path, required=RESUME_KEYS)
+        check_compatible(state["config"], config)
+        if config.epochs < state["epoch"]:
+            raise UserInputError(
+                f"--epochs is the total: the run in {self.path} already trained {state['epoch']} epochs, "
+                f"so --epochs {config.epochs} would train none; pass a larger --epochs"
+            )
+        return state
+
+    # --- writing ------------------------------------------------------------------------
+    def open(self, config: Config, history: list[dict], replace: bool = False) -> None:
+        """Make the folder ready: replace a previous run (``replace``), create it, write
+        config.json and rewrite metrics.jsonl from ``history`` (the checkpoint's)."""
+        if not self.writer:
+            return
+        if replace and self.path.exists():
+            shutil.rmtree(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserInputError(
+                f"cannot create the run folder {self.path} ({err.strerror}); pass another --out"
+            ) from None
+        ckpt.remove_stale_temporaries(self.path)  # left by a run killed while writing
+        self._write_text(CONFIG_NAME, json.dumps({**config.to_dict(), "versions": versions()}, indent=2))
+        # The checkpoint is the record: metrics.jsonl is rewritten from it, so a run killed
+        # between the two files never shows an epoch that the checkpoint does not hold.
+        self._write_text(METRICS_NAME, "".join(json.dumps(row) + "\n" for row in history))
+
+    def write_init(self, record: dict) -> None:
+        self._write_text(INIT_NAME, json.dumps(record, indent=2))
+
+    def write_summary(self, final: dict) -> None:
+        self._write_text(SUMMARY_NAME, json.dumps(final, indent=2))
+
+    def append_metrics(self, row: dict) -> None:
+        self._append_line(METRICS_NAME, json.dumps(row))
+
+    def save_checkpoint(self, state: dict, shuffle: torch.Generator) -> None:
+        """Atomically replace checkpoint.pt with ``state``, the RNG state (:func:`rng_state`,
+        with the data-order generator ``shuffle``) and the library versions."""
+        if self.writer:
+            ckpt.save_checkpoint(self.checkpoint_path, {**state, "rng": rng_state(shuffle), "versions": versions()})
+
+    def _write_text(self, name: str, text: str) -> None:
+        if self.writer:
+            ckpt.atomic_write_text(self.path / name, text)
+
+    def _append_line(self, name: str, line: str) -> None:
+        if self.writer:
+            with open(self.path / name, "a") as f:
+                f.write(line + "\n")
+                f.flush()
+
+    # --- reading ------------------------------------------------------------------------
+    def read_summary(self) -> dict | None:
+        """metrics.json, or None before the run finished."""
+        file = self.path / SUMMARY_NAME
+        return json.loads(file.read_text()) if file.is_file() else None
