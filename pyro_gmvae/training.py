@@ -64,14 +64,6 @@ def nonfinite_report(model, guide, y: torch.Tensor) -> str:
     return "the loss is finite but a gradient is not"
 
 
-def _check_data_shape(state: dict | None, data: Dataset, folder: RunFolder) -> None:
-    if state is not None and tuple(state["data_shape"]) != data.data_shape:
-        raise UserInputError(
-            f"the checkpoint in {folder.path} was trained on examples of shape {tuple(state['data_shape'])}, "
-            f"the data now have {data.data_shape}; resume with the same data"
-        )
-
-
 def _start(model, guide, data, x_train, config, shuffle, info, device) -> dict | None:
     """``--init vae-*`` (before DDP wraps the model: every rank makes the same start)."""
     if config.init == "random":
@@ -83,6 +75,56 @@ def _start(model, guide, data, x_train, config, shuffle, info, device) -> dict |
 
     show = config.progress and info.is_main
     return initialize(model, guide, data, x_train, config, shuffle, progress=show, build=build)
+
+
+def _prepare(config: Config, resume: bool, overwrite: bool, data: Dataset | None):
+    """Resolve and check the options, the device, the run folder, the checkpoint and the data."""
+    config = config.resolved()
+    config.validate()
+    device = resolve_device(config.device)
+    info = distributed.init(device)  # under torchrun: RANK, WORLD_SIZE, LOCAL_RANK
+    device = distributed.local_device(info, device)
+    distributed.per_rank_batch(config.batch_size, info)  # --batch-size is the global batch
+    folder = RunFolder.for_config(config, writer=info.is_main)
+    config.out = str(folder.path)
+    folder.check(resume, overwrite)
+    distributed.barrier(info)  # every rank has checked the folder before rank 0 writes to it
+    state = folder.resume_state(config) if resume else None
+    data = prepare_data(config, data)
+    if state is not None and tuple(state["data_shape"]) != data.data_shape:
+        raise UserInputError(
+            f"the checkpoint in {folder.path} was trained on examples of shape {tuple(state['data_shape'])}, "
+            f"the data now have {data.data_shape}; resume with the same data"
+        )
+    return config, info, device, folder, state, data
+
+
+def _restore(state: dict | None, model, guide, optimizer, shuffle) -> tuple[list[dict], int]:
+    """Load a checkpoint's modules, optimiser and RNG state; return its history and epoch."""
+    if state is None:
+        return [], 0
+    model.load_state_dict(state["model"])
+    guide.load_state_dict(state["guide"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"], shuffle)
+    return list(state["history"]), state["epoch"]
+
+
+def _checkpoint(config, data, model, guide, optimizer, history) -> dict:
+    return {
+        "config": config.to_dict(),
+        "data_shape": list(data.data_shape),
+        "model": model.state_dict(),
+        "guide": guide.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": history[-1]["epoch"],
+        "history": history,
+    }
+
+
+def _test_metrics(model, guide, data) -> dict:
+    test = posterior.evaluate(model, guide, data)
+    return {f"test_{k}" if k in ("elbo", "loss") else k: v for k, v in test.items()}
 
 
 def train(
@@ -99,20 +141,7 @@ def train(
     ``overwrite`` replaces whatever ``config.out`` holds; ``data`` is used instead of
     loading ``config.data``; ``make_figures`` writes ``figures/*.png`` at the end.
     """
-    config = config.resolved()
-    config.validate()
-    device = resolve_device(config.device)
-    info = distributed.init(device)  # under torchrun: RANK, WORLD_SIZE, LOCAL_RANK
-    device = distributed.local_device(info, device)
-    distributed.per_rank_batch(config.batch_size, info)  # --batch-size is the global batch
-    folder = RunFolder.for_config(config, writer=info.is_main)
-    config.out = str(folder.path)
-    folder.check(resume, overwrite)
-    distributed.barrier(info)  # every rank has checked the folder before rank 0 writes to it
-    state = folder.resume_state(config) if resume else None
-    data = prepare_data(config, data)
-    _check_data_shape(state, data, folder)
-
+    config, info, device, folder, state, data = _prepare(config, resume, overwrite, data)
     pyro.set_rng_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
     model, guide = build_model_and_guide(config, data.data_shape)
@@ -123,13 +152,7 @@ def train(
     loss_fn = make_elbo(config.mc_samples)(model, guide)
     step_loss = distributed.wrap(loss_fn, info, device)  # DDP over the ELBO module, or loss_fn
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=config.lr)
-    history, start_epoch = [], 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        guide.load_state_dict(state["guide"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], shuffle)
-        history, start_epoch = list(state["history"]), state["epoch"]
+    history, start_epoch = _restore(state, model, guide, optimizer, shuffle)
     if info.enabled:  # same init on every rank; Monte Carlo noise of its own per rank
         pyro.set_rng_seed(distributed.rank_seed(config.seed, info.rank, start_epoch))
     folder.open(config, history, replace=overwrite and state is None)
@@ -137,14 +160,12 @@ def train(
         folder.write_init(init_record)
 
     steps = len(x_train) // config.batch_size
-    bar = progress_bar(
-        (config.epochs - start_epoch) * steps, f"{config.data} K={config.K}", config.progress and info.is_main
-    )
-    elapsed = history[-1]["elapsed"] if history else 0.0
+    show = config.progress and info.is_main
+    bar = progress_bar((config.epochs - start_epoch) * steps, f"{config.data} K={config.K}", show)
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         beta = kl_weight(config, epoch)
-        last_good = history[-1]["epoch"] if history else start_epoch
+        where = f"the last good checkpoint (epoch {history[-1]['epoch'] if history else start_epoch}) in {folder.path}"
         model.train()
         guide.train()
         total = run_epoch(
@@ -157,34 +178,18 @@ def train(
             batch_indices=lambda perm, step, size: distributed.shard(perm, step, size, info),
             bar=bar,
             epoch=epoch,
-            explain=lambda y, last_good=last_good: (
-                f"{nonfinite_report(model, guide, y)}; the last good "
-                f"checkpoint (epoch {last_good}) in {folder.path} is intact"
-            ),
+            explain=lambda y, where=where: f"{nonfinite_report(model, guide, y)}; {where} is intact",
         )
-        train_seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "kl_weight": beta}
         row["train_loss"] = float(distributed.all_reduce_mean(total, info)) / steps
         if not info.is_main:  # rank 0 evaluates and writes the run folder
             continue
-        test = posterior.evaluate(model, guide, data)
-        row.update({f"test_{k}" if k in ("elbo", "loss") else k: v for k, v in test.items()})
-        elapsed += train_seconds
-        row.update(seconds=train_seconds, elapsed=elapsed)
+        row.update(_test_metrics(model, guide, data))
+        row.update(seconds=seconds, elapsed=(history[-1]["elapsed"] if history else 0.0) + seconds)
         history.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row.get('acc_hungarian', math.nan):.3f}")
-        folder.save_checkpoint(
-            {
-                "config": config.to_dict(),
-                "data_shape": list(data.data_shape),
-                "model": model.state_dict(),
-                "guide": guide.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "history": history,
-            },
-            shuffle,
-        )
+        folder.save_checkpoint(_checkpoint(config, data, model, guide, optimizer, history), shuffle)
         folder.append_metrics(row)
         logger.info("epoch %d: %s", epoch, row)
     bar.close()
