@@ -1,28 +1,25 @@
 """Training-step speed of the Pyro objective against the same objective in plain PyTorch.
 
-    OMP_WAIT_POLICY=PASSIVE python experiments/bench_speed.py --quick --no-options --no-epoch  # acceptance rows
-    OMP_WAIT_POLICY=PASSIVE python experiments/bench_speed.py             # everything, ~30 min bound
+    OMP_WAIT_POLICY=PASSIVE python experiments/bench_speed.py --quick --no-epoch  # acceptance rows
+    OMP_WAIT_POLICY=PASSIVE python experiments/bench_speed.py                     # everything
     python experiments/bench_speed.py --device cuda --out experiments/results/speed_cuda.json
 
-The project side is exactly one step of ``pyro_gmvae.training.train``: the loss module of
-``make_elbo(M)(model, guide)``, divided by the batch size, ``zero_grad``, ``backward``,
-the non-finite check and an Adam step.  The reference side is the same objective written
-by hand in PyTorch on the *same* network modules (so the weights are identical): draw w
-then x by reparameterisation from the encoder outputs, marginalise z with ``logsumexp``,
-add the same regulariser factor, Adam step.  Before timing, the script checks that both
-give the same loss and gradients on the same random draws.  The two sides are then timed
+The project side is one step of training: :func:`pyro_gmvae.loop.run_epoch` over one batch
+(the loss module ``make_elbo(M)(model, guide)`` divided by the batch size, ``zero_grad``,
+``backward``, the non-finite check and an Adam step).  The reference side is the same
+objective written by hand in PyTorch on the *same* network modules (so the weights are
+identical): draw w then x by reparameterisation, marginalise z with ``logsumexp``, add the
+same regulariser factor, Adam step.  Before timing, the script checks that both give the
+same loss and gradients on the same random draws.  The two sides are then timed
 interleaved (A B A B ...) in one process after warm-up, so machine noise (other jobs on the
-2 shared cores) hits both alike; the reported ratio is median(project) / median(reference).
+shared cores) hits both alike; the reported ratio is median(project) / median(reference).
 
 Peak memory: on CPU, the peak resident set size (``VmHWM``, reset through
 ``/proc/self/clear_refs`` after freed heap is returned with ``malloc_trim``) over two steps
 of one side, minus the resident size just before them; on CUDA,
-``torch.cuda.max_memory_allocated`` around the steps.  The acceptance rows also record the
-peak of a fresh child process from before its first step (that one includes Adam's state).
-
-The run is bounded: ``--deadline`` seconds in all (grid cases predicted not to fit are
-listed in ``grid_skipped`` with the reason), and ``torch.compile`` runs in a child process
-killed after ``--compile-timeout`` seconds (the outcome is recorded either way).
+``torch.cuda.max_memory_allocated`` around the steps.  Grid cases left when ``--deadline``
+seconds have passed are listed in ``grid_skipped``.  Render the JSON with
+``experiments/speed_table.py``.
 """
 
 from __future__ import annotations
@@ -34,10 +31,7 @@ import gc
 import json
 import math
 import os
-import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,10 +41,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pyro  # noqa: E402
 import torch  # noqa: E402
+from common import machine  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from pyro_gmvae.build import build_model_and_guide  # noqa: E402
 from pyro_gmvae.config import Config  # noqa: E402
+from pyro_gmvae.loop import run_epoch  # noqa: E402
 from pyro_gmvae.objective import entropy, kl_categorical, make_elbo, z_prior_adjustment  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -64,25 +60,23 @@ ACCEPTANCE = [
 ]
 
 
-def grid(quick: bool) -> list[dict]:
-    if quick:
-        return [case for case, _ in ACCEPTANCE]
-    cases = [
+def grid() -> list[dict]:
+    """Every case beyond the acceptance rows; conv first, then fc from cheap to costly."""
+    fc = [
         dict(network="fc", hidden_dim=h, K=k, mc_samples=m, batch_size=b)
         for h in (500, 1000)
         for k in (10, 30)
         for m in (1, 10)
         for b in (50, 256, 1024)
     ]
-    cases.append(dict(network="conv", hidden_dim=500, K=10, mc_samples=1, batch_size=256))
-    return cases
+    cost = lambda c: c["hidden_dim"] ** 2 * c["K"] * c["mc_samples"] * c["batch_size"]  # noqa: E731
+    return [dict(network="conv", hidden_dim=500, K=10, mc_samples=1, batch_size=256), *sorted(fc, key=cost)]
 
 
 def case_name(case: dict) -> str:
     return "{network} H={hidden_dim} K={K} M={mc_samples} B={batch_size}".format(**case)
 
 
-# --- building ---------------------------------------------------------------------------
 def build(case: dict, device: torch.device, seed: int = 0):
     """Model, guide and a batch of grey-level images for one benchmark case."""
     config = Config(data="mnist", **{k: v for k, v in case.items() if k != "batch_size"}).resolved()
@@ -110,9 +104,8 @@ def reference_loss(model, guide, y: torch.Tensor, num_particles: int) -> torch.T
     # Draw order and calls match Pyro's Normal.rsample: w first, then x.
     w = q["w_loc"] + q["w_loc"].new_empty(batch + q["w_loc"].shape).normal_() * q["w_scale"]
     x = q["x_loc"] + q["x_loc"].new_empty(batch + q["x_loc"].shape).normal_() * q["x_scale"]
-    log_q = _normal_log_prob(w, q["w_loc"], q["w_scale"]).sum(-1) + _normal_log_prob(x, q["x_loc"], q["x_scale"]).sum(
-        -1
-    )
+    log_q = _normal_log_prob(w, q["w_loc"], q["w_scale"]).sum(-1)
+    log_q = log_q + _normal_log_prob(x, q["x_loc"], q["x_scale"]).sum(-1)
     log_pw = (-0.5 * w**2 - 0.5 * LOG_2PI).sum(-1)
     loc, scale = model.prior.network(w)  # (M, B, K, Dx)
     log_pi = model.prior.cluster_log_weights()
@@ -129,55 +122,29 @@ def reference_loss(model, guide, y: torch.Tensor, num_particles: int) -> torch.T
     return -elbo.sum() / num_particles
 
 
-# --- steps ------------------------------------------------------------------------------
-def project_step(loss_fn, optimizer, y, state):
-    """One step of ``training.train`` (keep in step with its loop)."""
-    loss = loss_fn(y) / y.shape[0]
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in loss_fn.parameters() if p.grad is not None])
-    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-    state["bad"] = torch.where((state["bad"] < 0) & ~finite, state["step"], state["bad"])
-    state["step"] += 1
-    optimizer.step()
-    return loss
-
-
-def reference_step(model, guide, optimizer, y, num_particles):
-    loss = reference_loss(model, guide, y, num_particles) / y.shape[0]
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
+# --- the two steps ---------------------------------------------------------------------
 class Sides:
     """Both training steps of one case on shared modules, each with its own Adam."""
 
-    def __init__(self, case: dict, device: torch.device, option: str = "default"):
-        self.case, self.device, self.option = case, device, option
+    def __init__(self, case: dict, device: torch.device):
+        self.case, self.device = case, device
         self.config, self.model, self.guide, self.y = build(case, device)
-        if option == "channels_last":
-            self.model.to(memory_format=torch.channels_last)
-            self.guide.to(memory_format=torch.channels_last)
-            self.y = self.y.contiguous(memory_format=torch.channels_last)
-        if option == "compile":
-            for module in (self.guide.encoder, self.model.decoder, self.model.prior.network):
-                module.compile()
         self.loss_fn = make_elbo(case["mc_samples"])(self.model, self.guide)
-        lr = self.config.lr
-        self.opt_project = torch.optim.Adam(self.loss_fn.parameters(), lr=lr)
-        self.opt_reference = torch.optim.Adam(self.loss_fn.parameters(), lr=lr)
-        self.state = {"bad": torch.full((), -1, device=device, dtype=torch.long), "step": 0}
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if option == "bf16" else contextlib.nullcontext()
+        self.opt_project = torch.optim.Adam(self.loss_fn.parameters(), lr=self.config.lr)
+        self.opt_reference = torch.optim.Adam(self.loss_fn.parameters(), lr=self.config.lr)
+        self.order = torch.Generator(device="cpu").manual_seed(0)
 
     def project(self):
-        with self.autocast:
-            return project_step(self.loss_fn, self.opt_project, self.y, self.state)
+        """One step of training: the loop over a one-batch epoch."""
+        loss = lambda y: self.loss_fn(y) / len(y)  # noqa: E731
+        return run_epoch(loss, self.opt_project, self.y, len(self.y), self.order)
 
     def reference(self):
-        with self.autocast:
-            return reference_step(self.model, self.guide, self.opt_reference, self.y, self.case["mc_samples"])
+        loss = reference_loss(self.model, self.guide, self.y, self.case["mc_samples"]) / len(self.y)
+        self.opt_reference.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_reference.step()
+        return loss
 
     def check(self, rtol: float = 1e-5, batch: int | None = None) -> dict:
         """Same loss and gradients on the same draws (float64 on CPU, so rounding is not the test).
@@ -185,11 +152,10 @@ class Sides:
         ``batch`` checks on the first ``batch`` examples only (the maths does not depend on B;
         float64 steps of the large cases would cost more than their timing).
         """
-        model, guide, y = self.model, self.guide, self.y[:batch]
+        model, guide = self.model, self.guide
         dtype = torch.float64 if self.device.type == "cpu" else torch.float32
-        model.to(dtype)
-        guide.to(dtype)
-        y = y.to(dtype)
+        model.to(dtype), guide.to(dtype)
+        y = self.y[:batch].to(dtype)
         params = list(self.loss_fn.parameters())
         try:
             pyro.set_rng_seed(123)
@@ -199,8 +165,7 @@ class Sides:
             loss_r = reference_loss(model, guide, y, self.case["mc_samples"])
             grads_r = torch.autograd.grad(loss_r, params, allow_unused=True)
         finally:
-            model.to(torch.float32)
-            guide.to(torch.float32)
+            model.to(torch.float32), guide.to(torch.float32)
         loss_p, loss_r = float(loss_p.detach()), float(loss_r.detach())
         rel = abs(loss_p - loss_r) / abs(loss_r)
         # Relative to the largest gradient: biases before BatchNorm have gradient zero (rounding only).
@@ -211,13 +176,7 @@ class Sides:
             raise AssertionError(
                 f"{case_name(self.case)}: project and reference differ (loss rel {rel:.2e}, grad rel {grad_rel:.2e})"
             )
-        return {
-            "batch": len(y),
-            "loss_project": loss_p,
-            "loss_reference": loss_r,
-            "loss_rel_diff": rel,
-            "grad_rel_diff": grad_rel,
-        }
+        return dict(batch=len(y), loss_project=loss_p, loss_reference=loss_r, loss_rel_diff=rel, grad_rel_diff=grad_rel)
 
 
 def _sync(device):
@@ -296,38 +255,12 @@ def step_peak_memory(step, device: torch.device, steps: int = 2) -> float:
     return (_status_kib("VmHWM") - base) / 1024
 
 
-def memory_probe(case: dict, side: str, device: torch.device, steps: int = 2) -> float:
-    """Peak RSS delta of a fresh process from before its first step (cross-check; includes Adam state)."""
-    sides = Sides(case, device)
-    step = sides.project if side == "project" else sides.reference
-    base = _status_kib("VmRSS")
-    for _ in range(steps):
-        step()
-    return (_status_kib("VmHWM") - base) / 1024
-
-
-def memory_in_child(case: dict, side: str, threads: int) -> float:
-    """Run :func:`memory_probe` in a fresh interpreter so earlier cases do not hide the peak."""
-    cmd = [sys.executable, __file__, "--memory-probe", json.dumps(case), "--side", side, "--threads", str(threads)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
-    return float(result.stdout.strip().splitlines()[-1])
-
-
 def parameter_mib(sides: Sides) -> float:
     return sum(p.numel() * p.element_size() for p in sides.loss_fn.parameters()) / 2**20
 
 
-# --- options ----------------------------------------------------------------------------
-def time_option(with_option, default, case: dict, device, args, warmup: int = 3) -> dict:
-    """Interleaved timing of an option's step against the default step, with the CLI's step limits."""
-    steps = {"with_option": with_option, "default": default}
-    return time_interleaved(
-        steps, device, case["batch_size"], warmup, args.min_steps_options, args.max_steps, args.budget
-    )
-
-
 def option_validation(case: dict, device: torch.device, args) -> dict:
-    """Pyro validation on (training.train's default) against off (the timed steps here), interleaved."""
+    """Pyro validation on (training's default) against off (the timed steps here), interleaved."""
     sides = Sides(case, device)
 
     def on():
@@ -339,144 +272,60 @@ def option_validation(case: dict, device: torch.device, args) -> dict:
             sides.project()
 
     row = {"option": "validation_on", "name": case_name(case), "what": "pyro.enable_validation(True) vs False"}
-    row.update(time_option(on, off, case, device, args))
+    steps = {"with_option": on, "default": off}
+    row.update(time_interleaved(steps, device, case["batch_size"], 3, args.min_steps, args.max_steps, args.budget))
     return row
 
 
-def option_channels_last(case: dict, device: torch.device, args) -> dict:
-    """Conv networks and data in channels-last layout against the default layout (two copies, same init)."""
-    last, default = Sides(case, device, "channels_last"), Sides(case, device)
-    row = {"option": "channels_last", "name": case_name(case), "what": "model, guide and batch in channels_last"}
-    row.update(time_option(last.project, default.project, case, device, args, warmup=2))
-    return row
+def epoch_throughput(device: str, train_subset: int | None = None, data_root: str | None = None) -> dict:
+    """Examples per second of one MNIST fc training epoch through ``pyro_gmvae.train``, and its peak memory."""
+    from pyro_gmvae import train
 
-
-def option_compile_child(case: dict, device: torch.device, args) -> dict:
-    """torch.compile of encoder, decoder and prior network (run inside a child process)."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.compile_threads = 1  # 2 shared cores
-    compiled, default = Sides(case, device, "compile"), Sides(case, device)
-    row = {"option": "compile", "name": case_name(case), "what": "Module.compile() of encoder, decoder, prior network"}
-    t0 = time.perf_counter()
-    compiled.project()
-    _sync(device)
-    row["first_step_s"] = time.perf_counter() - t0  # tracing + inductor codegen + C++ build
-    t0 = time.perf_counter()
-    compiled.project()
-    _sync(device)
-    row["second_step_s"] = time.perf_counter() - t0  # recompiles on the second call (e.g. Adam) show here
-    row.update(time_option(compiled.project, default.project, case, device, args))
-    return row
-
-
-def option_compile(case: dict, args) -> dict:
-    """Run :func:`option_compile_child` in a child with a timeout, so a slow compile cannot hang the run."""
-    cmd = [sys.executable, __file__, "--compile-child", json.dumps(case), "--device", args.device,
-           "--threads", str(args.threads), "--budget", str(args.budget), "--max-steps", str(args.max_steps),
-           "--min-steps-options", str(args.min_steps_options)]  # fmt: skip
-    t0 = time.perf_counter()
-    row = {"option": "compile", "name": case_name(case), "timeout_s": args.compile_timeout}
-    # A private inductor cache: a cold compile is what is measured, and other users' half-written
-    # cache files (seen here: "file too short") cannot break it.
-    cache = tempfile.mkdtemp(prefix="bench_inductor_")
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": cache}
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout, env=env)
-    except subprocess.TimeoutExpired:
-        row["error"] = f"did not finish compiling and timing within {args.compile_timeout} s (killed)"
-        row["wall_s"] = time.perf_counter() - t0
-        return row
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-    row["wall_s"] = time.perf_counter() - t0
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        row["error"] = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1][:500]
-        return row
-    row.update(json.loads(lines[-1]))
-    return row
-
-
-# --- a whole epoch ------------------------------------------------------------------------
-def epoch_throughput(
-    device: str,
-    batch_size: int = 256,
-    hidden_dim: int = 500,
-    train_subset: int | None = None,
-    data_root: str | None = None,
-) -> dict:
-    """Examples per second of one MNIST fc training epoch through ``training.train``, and its peak memory."""
-    from pyro_gmvae.training import train
-
+    batch_size = 256
     with tempfile.TemporaryDirectory() as tmp:
         config = Config(
-            data="mnist",
-            data_root=data_root,
-            network="fc",
-            hidden_dim=hidden_dim,  # as the acceptance rows (the mnist fc preset is 1000)
-            K=10,
-            batch_size=batch_size,
-            epochs=1,
+            data="mnist", data_root=data_root, network="fc", hidden_dim=500, K=10, batch_size=batch_size, epochs=1,
             init="random",  # one training epoch is timed, not the preset's initialisation
-            device=device,
-            out=str(Path(tmp) / "run"),
-            progress=False,
-            train_subset=train_subset,
+            device=device, out=str(Path(tmp) / "run"), progress=False, train_subset=train_subset,
             test_subset=2000,  # evaluation is not what is timed; keep it short
-        )
+        )  # fmt: skip
         base = _release_and_reset_peak() if device == "cpu" else None
         t0 = time.perf_counter()
         result = train(config, make_figures=False)
         wall = time.perf_counter() - t0
         peak = (_status_kib("VmHWM") - base) / 1024 if base is not None else None
-    row = result.history[-1]
+    seconds = result.history[-1]["seconds"]
     num_train = train_subset or 60000
     steps = num_train // batch_size
     return {
         "data": f"mnist, {num_train} training images" + ("" if train_subset else " (the full training set)"),
-        "network": "fc",
-        "hidden_dim": result.config.hidden_dim,
-        "K": 10,
-        "mc_samples": 1,
-        "batch_size": batch_size,
-        "steps": steps,
-        "train_seconds": row["seconds"],
-        "examples_per_s": steps * batch_size / row["seconds"],
-        "wall_seconds_with_load_eval_checkpoint": wall,
-        "peak_rss_delta_mib": peak,
-        "device": device,
-    }
+        "network": "fc", "hidden_dim": 500, "K": 10, "mc_samples": 1, "batch_size": batch_size, "steps": steps,
+        "train_seconds": seconds, "examples_per_s": steps * batch_size / seconds,
+        "wall_seconds_with_load_eval_checkpoint": wall, "peak_rss_delta_mib": peak, "device": device,
+    }  # fmt: skip
 
 
-# --- main -----------------------------------------------------------------------------
-def machine(device: torch.device) -> dict:
-    info = {"cpu_model": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    info["torch_threads"] = torch.get_num_threads()
-    info["load_average_start"] = list(os.getloadavg())
-    if device.type == "cuda":
-        info["gpu_name"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    info = machine(device)
-    return f"{info['cpu_model']}, {info['torch_threads']} threads"
-
-
-def fc_cost(case: dict) -> float:
-    """A rough flop count per step, only to order the grid cheap-first and predict slow cases."""
-    h, k, m, b = case["hidden_dim"], case["K"], case["mc_samples"], case["batch_size"]
-    encoder = h * (784 + h + 700)
-    per_particle = h * (200 + h + 784) + h * (150 + h + 400 * k) + 600 * k
-    return b * (encoder + m * per_particle)
+def run_case(case, device, args, min_steps: int) -> dict:
+    """Check, time and (unless --no-memory) measure one case; print a line."""
+    sides = Sides(case, device)
+    row = {"case": case, "name": case_name(case), "parameters_mib": parameter_mib(sides)}
+    t0 = time.perf_counter()
+    row["check"] = sides.check(batch=min(case["batch_size"], 64))
+    row["check"]["seconds"] = time.perf_counter() - t0
+    steps = {"project": sides.project, "reference": sides.reference}
+    row.update(
+        time_interleaved(steps, device, case["batch_size"], 3, min_steps, max(args.max_steps, min_steps), args.budget)
+    )
+    line = f"{row['name']:<30} ratio {row['ratio']:.3f} (pairwise {row['ratio_pairwise_median']:.3f})"
+    if not args.no_memory:
+        row["memory_method"] = (
+            "MiB, torch.cuda.max_memory_allocated delta over 2 steps" if device.type == "cuda"
+            else "MiB, peak RSS (VmHWM) over 2 steps minus RSS before them, after the timed steps"
+        )  # fmt: skip
+        for side, step in steps.items():
+            row[side]["peak_memory_mib"] = step_peak_memory(step, device)
+    print(line, flush=True)
+    return row
 
 
 def parse_args(argv=None):
@@ -486,183 +335,68 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(HERE / "results" / "speed.json"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=6.0, help="seconds of timing per case once min steps are done")
-    p.add_argument("--min-steps", type=int, default=8, help="timed steps per side and grid case (at least)")
+    p.add_argument("--min-steps", type=int, default=8, help="timed steps per side (at least)")
     p.add_argument("--min-steps-acceptance", type=int, default=30, help="timed steps per side, acceptance rows")
-    p.add_argument("--min-steps-options", type=int, default=10, help="timed steps per side, options")
     p.add_argument("--max-steps", type=int, default=60)
-    p.add_argument(
-        "--deadline", type=float, default=1800.0, help="seconds in all: grid cases predicted not to fit are skipped"
-    )
-    p.add_argument("--compile-timeout", type=float, default=300.0, help="seconds for the torch.compile option")
+    p.add_argument("--deadline", type=float, default=1800.0, help="seconds in all: later grid cases are skipped")
     p.add_argument("--no-memory", action="store_true", help="skip peak memory")
     p.add_argument("--no-epoch", action="store_true", help="skip the MNIST epochs")
+    p.add_argument("--no-options", action="store_true", help="skip the validation_on option")
     p.add_argument("--data-root", help="folder holding MNIST/raw (default: $PYRO_GMVAE_DATA, then ./data)")
-    p.add_argument("--no-options", action="store_true", help="skip the options (compile, ...)")
-    p.add_argument("--options", default="validation_on,channels_last,compile,bf16")
-    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
-    p.add_argument("--compile-child", help=argparse.SUPPRESS)
-    p.add_argument("--side", help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def run_case(case, device, args, min_steps: int, memory: bool = True) -> dict:
-    sides = Sides(case, device)
-    row = {"case": case, "name": case_name(case), "parameters_mib": parameter_mib(sides)}
-    t0 = time.perf_counter()
-    row["check"] = sides.check(batch=min(case["batch_size"], 64))
-    row["check"]["seconds"] = time.perf_counter() - t0
-    row.update(
-        time_interleaved(
-            {"project": sides.project, "reference": sides.reference},
-            device,
-            case["batch_size"],
-            3,
-            min_steps,
-            max(args.max_steps, min_steps),
-            args.budget,
-        )
-    )
-    if memory:
-        row["memory_method"] = (
-            "MiB, torch.cuda.max_memory_allocated delta over 2 steps"
-            if device.type == "cuda"
-            else "MiB, peak RSS (VmHWM) over 2 steps minus RSS before them, after the timed steps"
-        )
-        row["project"]["peak_memory_mib"] = step_peak_memory(sides.project, device)
-        row["reference"]["peak_memory_mib"] = step_peak_memory(sides.reference, device)
-    print(
-        f"{row['name']:<30} project {row['project']['median_step_s'] * 1e3:9.2f} ms  "
-        f"reference {row['reference']['median_step_s'] * 1e3:9.2f} ms  ratio {row['ratio']:.3f} "
-        f"(pairwise {row['ratio_pairwise_median']:.3f}, n={row['steps_per_side']})"
-        + (
-            f"  mem {row['project']['peak_memory_mib']:.0f}/{row['reference']['peak_memory_mib']:.0f} MiB"
-            if memory
-            else ""
-        ),
-        flush=True,
-    )
-    return row
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    pyro.settings.set(module_local_params=True)
     device = torch.device(args.device)
-    # Time both sides without Pyro's argument checks (training.train keeps them on; the
-    # validation_on option measures what they cost).
-    pyro.enable_validation(False)
-    if args.memory_probe:
-        print(memory_probe(json.loads(args.memory_probe), args.side, device))
-        return 0
-    if args.compile_child:
-        print(json.dumps(option_compile_child(json.loads(args.compile_child), device, args)))
-        return 0
+    pyro.enable_validation(False)  # training keeps it on; the validation_on option measures the cost
     started = time.perf_counter()
-    info = machine(device)
+    info = {**machine(device), "load_average_start": list(os.getloadavg())}
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     report = {
         "device": str(device),
-        "device_name": device_name(device),
-        "machine": info,
-        "gpu": info.get("gpu_name"),
-        "gpu_note": None if device.type == "cuda" else "not available in this session",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
+        "device_name": gpu or f"{info['cpu_model']}, {info['torch_threads']} threads",
+        "machine": info, "gpu": gpu, "gpu_note": None if gpu else "not available in this session",
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "pyro": pyro.__version__,
         "command": "python experiments/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "timing": "median step time of interleaved steps (project, reference, project, ...) after warm-up",
-        "acceptance": [],
-        "options": [],
-        "grid": [],
-        "grid_skipped": [],
-    }
+        "acceptance": [], "options": [], "grid": [], "grid_skipped": [],
+    }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save():
+    def save():  # after every row: partial results survive an interrupted run
         report["machine"]["load_average_now"] = list(os.getloadavg())
         report["seconds"] = time.perf_counter() - started
-        out.write_text(json.dumps(report, indent=2) + "\n")  # partial results survive an interrupted run
+        out.write_text(json.dumps(report, indent=2) + "\n")
 
-    memory = not args.no_memory
     for case, limit in ACCEPTANCE:
-        row = run_case(case, device, args, args.min_steps_acceptance, memory)
-        if memory and device.type == "cpu":  # cross-check: a fresh process, from before its first step
-            row["fresh_process_peak_mib"] = {
-                s: memory_in_child(case, s, args.threads) for s in ("project", "reference")
-            }
+        row = run_case(case, device, args, args.min_steps_acceptance)
         report["grid"].append(row)
-        report["acceptance"].append(
-            {
-                "name": row["name"],
-                "ratio": row["ratio"],
-                "ratio_pairwise_median": row["ratio_pairwise_median"],
-                "steps_per_side": row["steps_per_side"],
-                "limit": limit,
-                "pass": row["ratio"] <= limit,
-            }  # fmt: skip
-        )
+        keys = ("name", "ratio", "ratio_pairwise_median", "steps_per_side")
+        report["acceptance"].append({**{k: row[k] for k in keys}, "limit": limit, "pass": row["ratio"] <= limit})
         save()
     if not args.no_options:
-        fc = ACCEPTANCE[0][0]
-        conv = dict(network="conv", hidden_dim=500, K=10, mc_samples=1, batch_size=256)
-        for option in args.options.split(","):
-            t0 = time.perf_counter()
-            if option == "bf16":
-                if device.type != "cuda":
-                    row = {"option": option, "skipped": "mixed precision is measured on CUDA only"}
-                else:
-                    row = {"option": option, "skipped": "not implemented for this run"}
-            elif option == "validation_on":
-                row = option_validation(fc, device, args)
-            elif option == "channels_last":
-                row = option_channels_last(conv, device, args)
-            elif option == "compile":
-                row = option_compile(fc, args)
-            else:
-                raise SystemExit(f"unknown option {option!r}")
-            row["seconds"] = time.perf_counter() - t0
-            report["options"].append(row)
-            print("option", json.dumps(row)[:400], flush=True)
-            save()
+        report["options"].append(option_validation(ACCEPTANCE[0][0], device, args))
+        save()
     if not args.no_epoch:
         report["epochs"] = []
         for subset in (None, 15000):  # the full training set, then a quarter of it (data-size scaling)
             try:
-                report["epochs"].append(epoch_throughput(args.device, train_subset=subset, data_root=args.data_root))
+                report["epochs"].append(epoch_throughput(args.device, subset, args.data_root))
             except Exception as err:  # noqa: BLE001 - e.g. MNIST missing: record it, keep the grid
                 report["epochs"].append({"train_subset": subset, "error": repr(err)[:500]})
-            print("epoch:", report["epochs"][-1], flush=True)
             save()
-    if not args.quick:
-        done = [row["case"] for row in report["grid"]]
-        cases = [c for c in grid(False) if c not in done]
-        # conv first (needed for the table whatever happens), then fc cheap-first.
-        cases.sort(key=lambda c: (c["network"] != "conv", fc_cost(c)))
-        for case in cases:
-            remaining = args.deadline - (time.perf_counter() - started)
-            steps = 3 + args.min_steps + (2 if memory else 0)
-            fc_rows = [r for r in report["grid"] if r["case"]["network"] == "fc"]
-            predicted = None
-            if case["network"] == "fc" and fc_rows:
-                # seconds per unit of fc_cost, the largest seen (slow cases are the least efficient to guess)
-                rate = max(r["project"]["median_step_s"] / fc_cost(r["case"]) for r in fc_rows[-3:])
-                predicted = rate * fc_cost(case)
-                if 2 * steps * predicted > remaining:
-                    report["grid_skipped"].append(
-                        {
-                            "name": case_name(case),
-                            "case": case,
-                            "predicted_step_s": predicted,
-                            "reason": f"{2 * steps} steps at ~{predicted:.1f} s predicted; {remaining:.0f} s of the "
-                            f"--deadline {args.deadline:.0f} s left",
-                        }  # fmt: skip
-                    )
-                    print("skip", report["grid_skipped"][-1]["reason"], case_name(case), flush=True)
-                    save()
-                    continue
-            report["grid"].append(run_case(case, device, args, args.min_steps, memory))
-            save()
+    for case in [] if args.quick else grid():
+        if case in [row["case"] for row in report["grid"]]:
+            continue
+        if time.perf_counter() - started > args.deadline:
+            reason = f"the --deadline of {args.deadline:.0f} s had passed"
+            report["grid_skipped"].append({"name": case_name(case), "case": case, "reason": reason})
+            continue
+        report["grid"].append(run_case(case, device, args, args.min_steps))
+        save()
     report["machine"]["load_average_end"] = list(os.getloadavg())
     save()
     print(f"wrote {out}")

@@ -14,7 +14,7 @@ starts each new cell as a copy of the finished E-epoch cell of the same setting 
 and resumes it: with a constant learning rate that is the same run as one trained from
 scratch.  Results are merged into ``experiments/results/mnist.json`` (per setting: every
 seed's final test metrics and mean, std, best and worst over seeds) and rendered into
-``mnist.md`` beside the paper's table (DESIGN.md section 7).  Metrics are those of the last epoch: no test-set early
+``mnist.md`` beside the paper's table (its Table 1).  Metrics are those of the last epoch: no test-set early
 stopping.
 """
 
@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import machine
 
 from pyro_gmvae import train
 from pyro_gmvae.checkpoint import CHECKPOINT_NAME
@@ -43,7 +42,7 @@ from pyro_gmvae.training import INIT_NAME
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("acc_paper", "acc_hungarian", "purity", "nmi", "ari", "clusters_used", "marginal_entropy", "elbo")
 
-# MNIST test accuracy (paper rule) from Dilokthanakul et al. 2016, Table 1 (DESIGN.md s7).
+# MNIST test accuracy (paper rule) from Dilokthanakul et al. 2016, Table 1.
 PAPER = {
     "K=10, M=1": {"best": 87.31, "mean": 77.78, "std": 5.75},
     "K=10, M=10": {"best": 88.54, "mean": 82.31, "std": 3.75},
@@ -54,149 +53,63 @@ PAPER = {
 }
 PAPER_BASELINES = "DEC 84.30 (K=10); AAE 90.45 +- 2.05 (K=16), 95.90 +- 1.13 (K=30)"
 
-# The fully connected MNIST network used throughout (the conv one is ~10x slower on CPU).
+# Every option a data preset fills, fixed, so that a change of the mnist preset never
+# changes a grid or its cell folders; the other options take Config's defaults.
 BASE = dict(
-    data="mnist",
-    network="fc",
-    likelihood="bernoulli",
-    hidden_dim=500,
-    x_dim=200,
-    w_dim=150,
-    K=10,
-    mc_samples=1,
-    guide="v2",
-    lr=1e-3,
-    batch_size=256,
-    cv_weight=0.0,
-    z_prior_weight=1.0,
-    free_bits=0.0,
-    kl_warmup=0,
-    init="random",
-    pretrain_epochs=3,
-    init_restarts=1,  # every field set here: the mnist preset's own choices must not leak in
-    init_probe_epochs=2,
-    init_fit_epochs=0,
-    init_fit_weight=10.0,
-)
+    data="mnist", network="fc", likelihood="bernoulli", hidden_dim=500, x_dim=200, w_dim=150, K=10, lr=1e-3,
+    batch_size=256, cv_weight=0.0, kl_warmup=0, init="random", pretrain_epochs=3, init_restarts=1, init_fit_epochs=0,
+)  # fmt: skip
+_DEFAULTS = ("mc_samples", "guide", "z_prior_weight", "free_bits", "init_probe_epochs", "init_fit_weight")
+SMALL = dict(hidden_dim=64, x_dim=8, w_dim=8, batch_size=50)
+KMEANS = dict(init="vae-kmeans")
+UMAP = dict(init="vae-umap", lr=1e-4, cv_weight=2.0)
 
-
-def _variant(**changes) -> dict:
-    return {**BASE, **changes}
-
-
-# Each grid: settings (dicts of Config fields), default seeds and default epoch budget.
+# Each grid: default seeds and epoch budget, and its settings as changes from BASE.  What
+# each grid tried and why: experiments/results/grids.md.
 GRIDS = {
     "smoke": dict(
-        settings=[
-            _variant(hidden_dim=64, x_dim=8, w_dim=8, batch_size=50),
-            _variant(hidden_dim=64, x_dim=8, w_dim=8, batch_size=50, guide="v1"),
-            _variant(
-                hidden_dim=64,
-                x_dim=8,
-                w_dim=8,
-                batch_size=50,
-                init="vae-kmeans",
-                pretrain_epochs=1,
-                init_restarts=2,
-                init_probe_epochs=1,
-            ),
-        ],
-        seeds=2,
-        epochs=1,
-        train_subset=500,
-        test_subset=500,
+        seeds=2, epochs=1, train_subset=500, test_subset=500,
+        settings=[SMALL, dict(SMALL, guide="v1"),
+                  dict(SMALL, **KMEANS, pretrain_epochs=1, init_restarts=2, init_probe_epochs=1)],
     ),
-    # The paper's CV weight 0.4 (its run.sh for MNIST); a 4-epoch budget fits 2 shared cores.
-    "k10": dict(settings=[_variant(cv_weight=0.4)], seeds=5, epochs=4),
-    # lr 1e-3 learns fast and plateaus; decay it to 1e-4 (cosine) over the budget.
-    "k10sched": dict(settings=[_variant(cv_weight=0.4, lr_final=1e-4)], seeds=5, epochs=10),
-    # KL warm-up: the KL terms' weight rises 0.25, 0.5, 0.75, then 1 from epoch 4.
-    "k10warmup": dict(settings=[_variant(cv_weight=0.4, kl_warmup=3)], seeds=5, epochs=10),
-    # Longer runs: warm-up as above, then lr 1e-3 decayed (cosine) to 1e-4 over 30 epochs.
-    "k10long": dict(settings=[_variant(cv_weight=0.4, kl_warmup=3, lr_final=1e-4)], seeds=5, epochs=30),
-    # Initialisation (VaDE's recipe): 3 epochs of VAE pretraining, components seated on
-    # k-means of q(x|y)'s means, then the k10 setting.  No KL warm-up: after pretraining it
-    # scrambles the seated clusters (a 2-epoch probe: 67.8 % at the start, 41.5 % after 1
-    # epoch with warm-up, 62.0 % without).
-    # After seating, lr 1e-3 first loses some of the start (62.6 % after epoch 1 from 67.8 %)
-    # and a lower lr keeps it (68.3 % at 3e-4, 68.8 % at 1e-4 after epoch 1).
-    "k10init": dict(
-        settings=[_variant(cv_weight=0.4, init="vae-kmeans"), _variant(cv_weight=0.4, init="vae-kmeans", lr=3e-4)],
-        seeds=5,
-        epochs=10,
-    ),
-    # Rewarding confident assignments: with the v2 guide and uniform pi only eta - alpha
-    # matters (the weight on H(r)); CV weight 2.0 makes it -1 (the k10init rows: 0.6).
-    "k10confident": dict(settings=[_variant(cv_weight=2.0, init="vae-kmeans")], seeds=5, epochs=10),
-    # The k10confident setting with M = 10 particles (the paper's better K = 10 column).
-    "k10m10": dict(settings=[_variant(cv_weight=2.0, init="vae-kmeans", mc_samples=10)], seeds=3, epochs=10),
-    # The k10confident setting with 4 starts, each probed for 2 GMVAE epochs, the one with
-    # the lowest training objective kept (--init-restarts 4).
+    "k10": dict(seeds=5, epochs=4, settings=[dict(cv_weight=0.4)]),
+    "k10sched": dict(seeds=5, epochs=10, settings=[dict(cv_weight=0.4, lr_final=1e-4)]),
+    "k10warmup": dict(seeds=5, epochs=10, settings=[dict(cv_weight=0.4, kl_warmup=3)]),
+    "k10long": dict(seeds=5, epochs=30, settings=[dict(cv_weight=0.4, kl_warmup=3, lr_final=1e-4)]),
+    "k10init": dict(seeds=5, epochs=10, settings=[dict(KMEANS, cv_weight=0.4), dict(KMEANS, cv_weight=0.4, lr=3e-4)]),
+    "k10confident": dict(seeds=5, epochs=10, settings=[dict(cv_weight=2.0, **KMEANS)]),
+    "k10m10": dict(seeds=3, epochs=10, settings=[dict(cv_weight=2.0, **KMEANS, mc_samples=10)]),
     "k10restarts": dict(
-        settings=[_variant(cv_weight=2.0, init="vae-kmeans", init_restarts=4, init_probe_epochs=2)],
-        seeds=5,
-        epochs=20,
+        seeds=5, epochs=20, settings=[dict(cv_weight=2.0, **KMEANS, init_restarts=4, init_probe_epochs=2)]
     ),
-    # N2D's start (McConville et al. 2020): k-means on a 10-D UMAP embedding of the pretrained
-    # VAE's latent means, the seated GMVAE fitted to that partition for 3 epochs (objective +
-    # 10 x cross-entropy), then plain GMVAE training at lr 1e-4, the paper's own rate (in
-    # single-seed probes the accuracy drifted down from the start faster at 1e-3).  The
-    # first setting pretrains the VAE for 10 epochs, the second for 3 as the other grids; the
-    # third is the first without the fit (run for 1 epoch: what seating alone starts from).
     "k10umap": dict(
-        settings=[
-            _variant(cv_weight=2.0, init="vae-umap", pretrain_epochs=10, init_fit_epochs=3, lr=1e-4),
-            _variant(cv_weight=2.0, init="vae-umap", init_fit_epochs=3, lr=1e-4),
-            _variant(cv_weight=2.0, init="vae-umap", pretrain_epochs=10, lr=1e-4),
-        ],
-        seeds=5,
-        epochs=20,
+        seeds=5, epochs=20,
+        settings=[dict(UMAP, pretrain_epochs=10, init_fit_epochs=3), dict(UMAP, init_fit_epochs=3),
+                  dict(UMAP, pretrain_epochs=10)],
     ),
-    "k16umap": dict(
-        settings=[_variant(K=16, cv_weight=2.0, init="vae-umap", pretrain_epochs=10, init_fit_epochs=3, lr=1e-4)],
-        seeds=3,
-        epochs=20,
-    ),
-    "k16": dict(settings=[_variant(K=16, cv_weight=0.4)], seeds=3, epochs=4),
-    # K = 16 at 10 epochs: the k10warmup setting, and the k10init setting (lr 1e-3).
-    "k16warmup": dict(settings=[_variant(K=16, cv_weight=0.4, kl_warmup=3)], seeds=3, epochs=10),
-    "k16init": dict(settings=[_variant(K=16, cv_weight=0.4, init="vae-kmeans")], seeds=3, epochs=10),
-    # The k10confident setting at K = 16.
-    "k16confident": dict(settings=[_variant(K=16, cv_weight=2.0, init="vae-kmeans")], seeds=3, epochs=10),
-    # One change at a time from BASE, plus the paper's own optimiser settings.
+    "k16umap": dict(seeds=3, epochs=20, settings=[dict(UMAP, K=16, pretrain_epochs=10, init_fit_epochs=3)]),
+    "k16": dict(seeds=3, epochs=4, settings=[dict(K=16, cv_weight=0.4)]),
+    "k16warmup": dict(seeds=3, epochs=10, settings=[dict(K=16, cv_weight=0.4, kl_warmup=3)]),
+    "k16init": dict(seeds=3, epochs=10, settings=[dict(K=16, cv_weight=0.4, **KMEANS)]),
+    "k16confident": dict(seeds=3, epochs=10, settings=[dict(K=16, cv_weight=2.0, **KMEANS)]),
     "levers": dict(
-        settings=[
-            _variant(),
-            _variant(lr=3e-4),
-            _variant(lr=1e-4),
-            _variant(lr=1e-4, batch_size=100),
-            _variant(lr=1e-3, batch_size=100),
-            _variant(guide="v1"),
-            _variant(cv_weight=0.4),
-            _variant(free_bits=0.5),  # below the z-prior KL (~2 nats) all run long: inactive
-            _variant(free_bits=2.0),  # near log K = 2.3: the z-prior gradient is gated often
-            _variant(z_prior_weight=2.0),
-            _variant(mc_samples=10),
-        ],
-        seeds=1,
-        epochs=3,
+        seeds=1, epochs=3,
+        settings=[{}, dict(lr=3e-4), dict(lr=1e-4), dict(lr=1e-4, batch_size=100), dict(lr=1e-3, batch_size=100),
+                  dict(guide="v1"), dict(cv_weight=0.4), dict(free_bits=0.5), dict(free_bits=2.0),
+                  dict(z_prior_weight=2.0), dict(mc_samples=10)],
     ),
-    # From scratch with the paper's protocol: PyTorch's initialisation, constant Adam 1e-4,
-    # batch 100, the plain ELBO (eta 1, alpha 0), M = 1, 150 epochs (the paper trains
-    # 100-150).  Per-epoch test accuracy is recorded, nothing is selected on it.
-    # K = 10 over 5 seeds (--only 0), K = 16 and K = 30 over 3 seeds (--only 1 2 --seeds 3).
-    "scratch": dict(
-        settings=[_variant(K=k, lr=1e-4, batch_size=100) for k in (10, 16, 30)],
-        seeds=5,
-        epochs=150,
-    ),
-    # The paper's grid, for a GPU machine.
+    "scratch": dict(seeds=5, epochs=150, settings=[dict(K=k, lr=1e-4, batch_size=100) for k in (10, 16, 30)]),
     "paper": dict(
-        settings=[_variant(K=k, mc_samples=m, guide=g) for k in (10, 16, 30) for m in (1, 10) for g in ("v2", "v1")],
-        seeds=5,
-        epochs=100,
+        seeds=5, epochs=100,
+        settings=[dict(K=k, mc_samples=m, guide=g) for k in (10, 16, 30) for m in (1, 10) for g in ("v2", "v1")],
     ),
-}
+}  # fmt: skip
+
+
+def grid_settings(name: str) -> list[dict]:
+    """The grid's settings as complete dicts of Config fields (BASE, the defaults, the changes)."""
+    defaults = {key: getattr(Config(), key) for key in _DEFAULTS}
+    return [{**BASE, **defaults, **changes} for changes in GRIDS[name]["settings"]]
 
 
 def setting_name(s: dict, train_subset: int | None) -> str:
@@ -217,17 +130,6 @@ def setting_name(s: dict, train_subset: int | None) -> str:
     if s["x_dim"] != BASE["x_dim"] or s["w_dim"] != BASE["w_dim"]:
         name += f"-x{s['x_dim']}w{s['w_dim']}"
     return name + (f"-n{train_subset}" if train_subset else "")
-
-
-def machine(device: str) -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(torch.device(device))})",
-        "torch": torch.__version__,
-    }
 
 
 def continue_cell(source: Path, out: Path) -> None:
@@ -418,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path(args.results)
     runs = results_dir / "runs" / args.grid
     json_path = results_dir / "mnist.json"
-    settings = [s for i, s in enumerate(grid["settings"]) if args.only is None or i in args.only]
+    settings = [s for i, s in enumerate(grid_settings(args.grid)) if args.only is None or i in args.only]
 
     if args.continue_from is not None:
         # A constant learning rate makes the resumed cell the same run as one trained from

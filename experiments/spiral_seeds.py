@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -21,31 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from common import machine
 
 from pyro_gmvae import Config, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "spiral.json"
 FIGURES = Path(__file__).resolve().parent / "results" / "figures" / "spiral"
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def summary(values: list[float]) -> dict:
@@ -94,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config().resolved()
     report = {
         "command": "python experiments/spiral_seeds.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "config": {k: v for k, v in config.to_dict().items() if k not in ("out", "seed", "extra")},
+        "config": {k: v for k, v in config.to_dict().items() if k not in ("out", "seed")},
         "seeds": per_seed,
         "summary": {key: summary([r[key] for r in per_seed]) for key in ("purity", "nmi", "acc_hungarian", "seconds")},
         "machine": machine(),

@@ -1,4 +1,6 @@
-"""Clustering metrics on a test split (DESIGN.md section 7).
+"""Clustering metrics on a test split: the paper's accuracy rule (each cluster takes the label
+of its most confident example), Hungarian accuracy (the best one-to-one matching of clusters
+to labels), purity, NMI, ARI, the clusters used and the entropy of their sizes.
 
 All functions take numpy-compatible arrays: ``assignments`` (N,) cluster indices,
 ``labels`` (N,) true classes, ``probs`` (N, K) cluster probabilities.
@@ -76,7 +78,7 @@ def marginal_entropy(assignments, num_clusters: int) -> float:
 
 
 def clustering_metrics(probs, labels=None) -> dict:
-    """Every metric of DESIGN.md section 7 from cluster probabilities (N, K).
+    """Every metric of the module docstring from cluster probabilities (N, K).
 
     Without labels only ``clusters_used`` and ``marginal_entropy`` are returned.
     """

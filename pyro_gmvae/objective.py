@@ -1,6 +1,6 @@
 """The GMVAE objective: regularisers, the training loss and the per-example ELBO terms.
 
-Notation of the paper (DESIGN.md section 5).  Per example, with (x, w) ~ q:
+Notation of the paper (Dilokthanakul et al. 2016, section 3).  Per example, with (x, w) ~ q:
 
     ELBO       = recon - cond_prior - w_prior - z_prior
     recon      = E[log p(y|x)]
@@ -25,22 +25,22 @@ from pyro.infer import TraceEnum_ELBO
 from pyro.ops.indexing import Vindex
 from torch.distributions import constraints
 
+from pyro_gmvae.config import non_negative_number
+
 TERM_NAMES = ("recon", "cond_prior", "w_prior", "z_prior", "cv", "elbo", "loss")
 
 
 @dataclass(frozen=True)
 class Regularization:
-    """Weights of the custom scaled factors (DESIGN.md section 5)."""
+    """Weights of the regularisers added to the ELBO: eta on z_prior, alpha on cv, free bits lambda."""
 
     z_prior_weight: float = 1.0  # eta; 1 leaves the ELBO's own z_prior term as it is
     cv_weight: float = 0.0  # alpha; weight of the consistency-violation entropy
     free_bits: float = 0.0  # lambda; 0 turns free bits off
 
     def __post_init__(self):
-        for name in ("z_prior_weight", "cv_weight", "free_bits"):
-            value = getattr(self, name)
-            if not value >= 0 or value == float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("z_prior_weight", "cv_weight", "free_bits"):  # the check of the Config fields
+            non_negative_number(name, getattr(self, name))
 
     @property
     def touches_z_prior(self) -> bool:
@@ -161,7 +161,7 @@ def elbo_terms(model, guide, y: torch.Tensor, num_particles: int = 1, closed_for
     """Per-example ELBO terms, the true ELBO and the training loss for a batch.
 
     Draws ``num_particles`` samples of (w, x) from the guide (w first, then x, the order the
-    guide samples them in) and evaluates every term of DESIGN.md section 5 with the
+    guide samples them in) and evaluates every term of the module docstring with the
     cluster variable summed out exactly.
 
     Parameters

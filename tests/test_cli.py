@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "experiments" / "run.py"
-# DESIGN.md section 8
+# The flags of the run.py contract: they must all stay.
 CONTRACT_FLAGS = (
     "--data", "--data-root", "--network", "--likelihood", "--guide", "--K", "--x-dim", "--w-dim", "--hidden-dim",
     "--epochs", "--batch-size", "--lr", "--mc-samples", "--z-prior-weight", "--cv-weight", "--free-bits", "--seed",

@@ -1,5 +1,5 @@
 """The training loop end to end on the generated spiral set: reproducibility, the run
-folder of DESIGN.md section 8, and clustering quality on a shortened default run."""
+folder (config, metrics, checkpoint), and clustering quality on a shortened default run."""
 
 from __future__ import annotations
 
