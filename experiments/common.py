@@ -1,10 +1,11 @@
-"""Helpers shared by the experiment scripts: the machine a result was measured on."""
+"""Helpers shared by the experiment scripts: the machine a result was measured on, summaries over seeds."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -31,4 +32,14 @@ def machine(device: str | torch.device = "cpu") -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": name,
+    }
+
+
+def summary(values: list[float], low: str = "min", high: str = "max") -> dict:
+    """Mean, standard deviation (0 for one value), smallest and largest, named ``low`` and ``high``."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        high: max(values),
+        low: min(values),
     }

@@ -24,13 +24,12 @@ import argparse
 import dataclasses
 import json
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import machine
+from common import machine, summary
 
 from pyro_gmvae import train
 from pyro_gmvae.checkpoint import CHECKPOINT_NAME
@@ -194,12 +193,7 @@ def run_cell(setting: dict, seed: int, epochs: int, out: Path, args, source: Pat
 
 
 def _stats(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "best": max(values),
-        "worst": min(values),
-    }
+    return summary(values, low="worst", high="best")
 
 
 def summarise(per_seed: list[dict]) -> dict:

@@ -13,27 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import machine
+from common import machine, summary
 
 from pyro_gmvae import Config, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "spiral.json"
 FIGURES = Path(__file__).resolve().parent / "results" / "figures" / "spiral"
-
-
-def summary(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,3 +46,24 @@ def test_tiny_run_writes_the_run_folder(tmp_path):
     assert final["epochs"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert sorted(p.name for p in (out / "figures").glob("*.png"))
+
+
+def test_help_shows_every_choice_and_the_presets():
+    text = " ".join(_run("--help").stdout.split())
+    for names in ("conv | fc", "bernoulli | gaussian", "learned | uniform", "v1 | v2", "random | vae-kmeans"):
+        assert names in text
+    assert "data presets" in text and "spiral mnist svhn npz" in text
+
+
+def test_show_config_prints_the_resolved_config_and_trains_nothing(tmp_path):
+    result = _run("--data", "mnist", "--K", "16", "--show-config", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert config["K"] == 16 and config["init"] == "vae-umap" and config["hidden_dim"] == 500
+    assert not (tmp_path / "run").exists()
+
+
+def test_importing_the_package_changes_no_pyro_setting():
+    probe = "import pyro, pyro_gmvae; print(pyro.settings.get('module_local_params'))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr

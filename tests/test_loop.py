@@ -1,0 +1,77 @@
+"""pyro_gmvae.loop.run_epoch: the one optimisation loop of training, pretraining, the fit and the probes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyro_gmvae.errors import NonFiniteLossError
+from pyro_gmvae.loop import is_invalid_values_error, run_epoch
+
+
+def _linear():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 1)
+    return layer, torch.optim.SGD(layer.parameters(), lr=0.1)
+
+
+def test_an_epoch_drops_the_ragged_batch_sets_the_lr_and_sums_the_losses():
+    layer, optimizer = _linear()
+    x = torch.randn(10, 3)
+    seen = []
+
+    def loss_fn(y):
+        seen.append(len(y))
+        return layer(y).pow(2).mean()
+
+    total = run_epoch(loss_fn, optimizer, x, 4, torch.Generator().manual_seed(0), lr=0.05)
+    assert seen == [4, 4]  # 10 // 4 steps; the last 2 examples wait for the next shuffle
+    assert optimizer.param_groups[0]["lr"] == 0.05
+    assert total.shape == () and total > 0
+
+
+def test_the_same_generator_state_gives_the_same_order():
+    x = torch.arange(12.0).unsqueeze(-1).expand(12, 3)
+    orders = []
+    for _ in range(2):
+        layer, optimizer = _linear()
+        batches = []
+        run_epoch(lambda y: (batches.append(y[:, 0].tolist()), layer(y).mean())[1], optimizer, x, 3,  # noqa: B023
+                  torch.Generator().manual_seed(7))  # fmt: skip
+        orders.append(batches)
+    assert orders[0] == orders[1] and sorted(sum(orders[0], [])) == list(range(12))
+
+
+def test_an_extra_term_is_weighted_in_and_reported_apart():
+    layer, optimizer = _linear()
+    x = torch.randn(8, 3)
+    total = run_epoch(
+        lambda y: layer(y).mean(), optimizer, x, 4, torch.Generator(), extra_loss=lambda y, idx: idx.float().mean(),
+        extra_weight=0.0,
+    )  # fmt: skip
+    assert total.shape == (2,) and total[1] == pytest.approx(7.0)  # the indices 0..7 in two halves: 2 x 3.5
+
+
+def test_a_non_finite_step_is_named_and_never_reaches_the_weights():
+    layer, optimizer = _linear()
+    before = [p.detach().clone() for p in layer.parameters()]
+    x = torch.randn(6, 3)
+    x[:] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"epoch 4, step 1: bad input"):
+        run_epoch(lambda y: layer(y).mean(), optimizer, x, 2, torch.Generator(), epoch=4, explain=lambda y: "bad input")
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters(), strict=True))
+
+
+def test_pyros_invalid_values_error_is_a_non_finite_step():
+    import pyro.distributions as dist
+
+    with pytest.raises(ValueError) as info:
+        dist.Normal(torch.tensor(float("nan")), 1.0, validate_args=True)
+    assert is_invalid_values_error(info.value)
+    layer, optimizer = _linear()
+
+    def loss_fn(y):  # NaN parameters: validation raises before a loss exists
+        return -dist.Normal(layer(y), 1.0, validate_args=True).log_prob(torch.zeros(len(y), 1)).mean()
+
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        run_epoch(loss_fn, optimizer, torch.full((4, 3), float("nan")), 2, torch.Generator())

@@ -1,0 +1,66 @@
+"""pyro_gmvae.runfolder: folder policy, the saved-config merge of --resume, the files a run writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pyro_gmvae.config import Config
+from pyro_gmvae.errors import UserInputError
+from pyro_gmvae.runfolder import RunFolder, check_compatible, rng_state, set_rng_state
+
+
+def test_default_path_names_data_guide_clusters_and_seed():
+    assert str(RunFolder.default_path(Config(seed=3).resolved())) == "runs/spiral-v2-K8-seed3"
+    assert str(RunFolder.default_path(Config(data="x/mine.npz").resolved())) == "runs/mine-v2-K10-seed0"
+
+
+def test_a_new_run_never_replaces_another_unless_told(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    folder.check(resume=False, overwrite=False)  # absent: fine
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="already holds files"):
+        folder.check(resume=False, overwrite=False)
+    with pytest.raises(UserInputError, match="no config.json"):
+        folder.check(resume=False, overwrite=True)
+    with pytest.raises(UserInputError, match="holds no checkpoint"):
+        folder.check(resume=True, overwrite=False)
+
+
+def test_open_writes_config_and_metrics_and_resume_config_merges_flags(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    config = Config(K=5, out=str(folder.path)).resolved()
+    folder.open(config, history=[{"epoch": 1}])
+    saved = json.loads((folder.path / "config.json").read_text())
+    assert saved["K"] == 5 and "versions" in saved
+    assert (folder.path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+    folder.append_metrics({"epoch": 2})
+    assert len((folder.path / "metrics.jsonl").read_text().splitlines()) == 2
+    merged = folder.resume_config({"epochs": 90})
+    assert merged.K == 5 and merged.epochs == 90 and merged.out == str(folder.path)
+
+
+def test_a_reader_writes_nothing(tmp_path):
+    folder = RunFolder(tmp_path / "run", writer=False)
+    folder.open(Config().resolved(), history=[])
+    folder.write_summary({"epochs": 1})
+    assert not folder.path.exists()
+
+
+def test_compatibility_names_the_differing_option():
+    config = Config(K=8).resolved()
+    check_compatible({**config.to_dict()}, config)
+    with pytest.raises(UserInputError, match="--K 8 but the checkpoint has 6"):
+        check_compatible({**config.to_dict(), "K": 6}, config)
+
+
+def test_rng_state_round_trips():
+    shuffle = torch.Generator().manual_seed(1)
+    state = rng_state(shuffle)
+    first = (torch.rand(3), torch.randperm(5, generator=shuffle))
+    set_rng_state(state, shuffle)
+    again = (torch.rand(3), torch.randperm(5, generator=shuffle))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
