@@ -69,4 +69,20 @@ class LearnedWeightsPrior(MixturePrior):
         return self.logits
 
 
-PRIORS = {"uniform": MixturePrior, "learned": LearnedWeightsPrior}
+class TiedScalePrior(MixturePrior):
+    """As :class:`MixturePrior`, with one scale per dimension shared by the K components.
+
+    sigma(w) is the geometric mean over k of the prior network's K scale heads, so the
+    components differ only in location: no component can widen and absorb its neighbours'
+    tails, the drift ``experiments/drift_analysis.py`` shows on MNIST (the cluster of 0s
+    taking 5s, 3s and 6s).  With a tied scale the boundaries between clusters are linear
+    in x, as in linear discriminant analysis.
+    """
+
+    def components(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, scale = self.network(w)  # (..., K, Dx) each
+        tied = scale.log().mean(-2, keepdim=True).exp()  # (..., 1, Dx)
+        return loc, tied.expand_as(loc)
+
+
+PRIORS = {"uniform": MixturePrior, "learned": LearnedWeightsPrior, "tied": TiedScalePrior}
