@@ -30,12 +30,12 @@ from pyro_gmvae.posterior import posterior_draws
 
 
 def _model_and_guide(source):
-    """A Run, a RunResult (anything with ``model`` and ``guide``) or a (model, guide) pair."""
+    """A Run (anything with ``model`` and ``guide``) or a (model, guide) pair."""
     if hasattr(source, "model") and hasattr(source, "guide"):
         return source.model, source.guide
     if isinstance(source, tuple | list) and len(source) == 2:
         return source[0], source[1]
-    raise TypeError(f"expected a Run, a RunResult or a (model, guide) pair, got {type(source).__name__}")
+    raise TypeError(f"expected a Run or a (model, guide) pair, got {type(source).__name__}")
 
 
 def to_inference_data(source, y, num_samples: int = 100, batch_size: int = 256, example_ids=None):
@@ -43,7 +43,7 @@ def to_inference_data(source, y, num_samples: int = 100, batch_size: int = 256, 
 
     Parameters
     ----------
-    source : Run, RunResult or (model, guide)
+    source : Run or (model, guide)
         The trained model and guide.
     y : Tensor or array, shape (N, *data_shape)
         The examples to describe; keep N modest (every draw of every example is stored).

@@ -220,5 +220,5 @@ def test_valid_names_stay_in_help():
     proc = run_cli(["--help"], cwd=REPO)
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    for name in ("conv | fc", "bernoulli | gaussian", "v1 | v2", "learned | uniform"):
+    for name in ("conv | fc", "bernoulli | gaussian", "v1 | v2", "learned | tied | uniform"):
         assert name in text

@@ -37,7 +37,7 @@ print(probs.shape, probs[0].round(decimals=2), run.assign(data.x_test[:10]))
 
 @pytest.fixture(scope="module", params=["v2", "v1"])
 def trained(request, tmp_path_factory):
-    """A short spiral run per guide: (RunResult, its test inputs)."""
+    """A short spiral run per guide: (Run, its test inputs)."""
     out = tmp_path_factory.mktemp(f"run-{request.param}")
     result = train(Config(guide=request.param, out=str(out), **SMALL), overwrite=True, make_figures=False)
     return result
