@@ -43,3 +43,29 @@ def summary(values: list[float], low: str = "min", high: str = "max") -> dict:
         high: max(values),
         low: min(values),
     }
+
+
+def git_commit(repo: Path | None = None) -> dict:
+    """The commit a result was made at: ``sha`` (None outside a git checkout) and whether the
+    work tree held uncommitted changes to tracked files (``dirty``)."""
+    import subprocess
+
+    repo = repo or Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+
+
+# Options that say where and how a run was executed, not what was trained: left out when a
+# result's config is compared with today's defaults.
+RUN_KEYS = ("out", "seed", "device", "progress", "data_root", "download", "train_subset", "test_subset")
+
+
+def trained_config(config: dict) -> dict:
+    """A resolved config without :data:`RUN_KEYS`: what decides the numbers a run gives."""
+    return {k: v for k, v in config.items() if k not in RUN_KEYS and k != "versions"}

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, summary
+from common import git_commit, machine, summary, trained_config
 
 from pyro_gmvae import train
 from pyro_gmvae.checkpoint import CHECKPOINT_NAME
@@ -171,6 +171,7 @@ def run_cell(setting: dict, seed: int, epochs: int, out: Path, args, source: Pat
         train(config, resume=resume, overwrite=not resume, data=dataclasses.replace(args.cache))
         print(f"  {out.name}: {time.perf_counter() - t0:.0f} s", flush=True)
         (out / "machine.json").write_text(json.dumps(machine(args.device)))
+        (out / "commit.json").write_text(json.dumps(git_commit()))
     final = json.loads(done.read_text())
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     final["marginal_entropy"] = history[-1].get("marginal_entropy")
@@ -187,6 +188,10 @@ def run_cell(setting: dict, seed: int, epochs: int, out: Path, args, source: Pat
                 for r in record["restarts"]
             ]
     final["seed"] = seed
+    # The code and the full resolved options that made this cell (absent for cells trained
+    # before they were recorded; see the setting's "provenance").
+    final["commit"] = json.loads((out / "commit.json").read_text()) if (out / "commit.json").is_file() else None
+    final["resolved_config"] = trained_config(json.loads((out / "config.json").read_text()))
     # The machine that trained this cell (absent for cells trained before it was recorded).
     final["machine"] = json.loads((out / "machine.json").read_text()) if (out / "machine.json").is_file() else None
     return final
@@ -351,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             "train_subset": args.train_subset,
             "test_subset": args.test_subset,
             "paper_key": paper_key(setting),
+            "resolved_config": next(
+                (r["resolved_config"] for r in ok if r.get("resolved_config")), entry.get("resolved_config")
+            ),
+            "provenance": entry.get("provenance"),
             "machine": next((r["machine"] for r in ok if r.get("machine")), machine(args.device)),
             "per_seed": per_seed_all,
             "summary": summarise(ok) if ok else {},

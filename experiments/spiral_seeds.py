@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, summary
+from common import git_commit, machine, summary, trained_config
 
 from pyro_gmvae import Config, train
 
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     config = Config().resolved()
     report = {
         "command": "python experiments/spiral_seeds.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "config": {k: v for k, v in config.to_dict().items() if k not in ("out", "seed")},
+        "commit": git_commit(),
+        "config": trained_config(config.to_dict()),
         "seeds": per_seed,
         "summary": {key: summary([r[key] for r in per_seed]) for key in ("purity", "nmi", "acc_hungarian", "seconds")},
         "machine": machine(),
