@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from common import git_commit, trained_config
+
 from pyro_gmvae.metrics import confusions, hungarian_accuracy
 from pyro_gmvae.runs import load_run
 
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         errors = confusions(assignments, data.labels_test, args.top)
         key = f"{folder.parent.name}/{folder.name}"
         results[key] = {
+            "commit": git_commit(),
+            "config": trained_config(run.config.to_dict()),
             "epochs": run.history[-1]["epoch"] if run.history else 0,
             "acc_hungarian": hungarian_accuracy(assignments, data.labels_test),
             "confusions": [{"count": n, "digit": d, "in_cluster_of": m} for n, d, m in errors],

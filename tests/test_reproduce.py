@@ -72,8 +72,9 @@ def test_smoke_grid_is_resumable(tmp_path, capsys):
 
 
 def test_readme_mnist_numbers_come_from_the_committed_results():
-    """Every "mean +- std" of the README's MNIST section (with or without [worst, best]) is a
-    summary in experiments/results/mnist.json, formatted as reproduce.py formats it."""
+    """Every "mean +- std" of the README's MNIST headline and of results/mnist_notes.md (with or
+    without [worst, best]) is a summary in experiments/results/mnist.json, formatted as
+    reproduce.py formats it."""
     import re
 
     reproduce = _reproduce()
@@ -87,10 +88,15 @@ def test_readme_mnist_numbers_come_from_the_committed_results():
     full = {reproduce._percent_cell(stats) for stats in summaries}
     short = {cell.split(" [")[0] for cell in full}
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## MNIST: multi-seed results") : readme.index("### Commands")]
+    headline = readme[readme.index("## Results") : readme.index("## Your own data")]
+    headline = headline[: headline.index("<!-- own-data -->")] if "<!-- own-data -->" in headline else headline
+    notes = (REPO / "experiments" / "results" / "mnist_notes.md").read_text()
+    notes = notes[: notes.index("## Commands")]
     number = r"(?<![\d.])\d+\.\d \+- \d+\.\d(?![\d.])"
-    cells = re.findall(number + r"(?: \[\d+\.\d, \d+\.\d\])?", section)
-    assert len(cells) >= 20
+    cells = re.findall(number + r"(?: \[\d+\.\d, \d+\.\d\])?", headline)
+    assert len(cells) >= 6
+    cells += re.findall(number + r"(?: \[\d+\.\d, \d+\.\d\])?", notes)
+    assert len(cells) >= 26
     missing = [c for c in cells if c not in (full if "[" in c else short)]
     assert not missing, f"README MNIST numbers not in mnist.json: {missing}"
 
