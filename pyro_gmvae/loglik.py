@@ -26,7 +26,6 @@ Shapes: N examples, S importance samples, K clusters, Dx / Dw latent sizes.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pyro.distributions as dist
@@ -34,23 +33,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_gmvae.errors import UserInputError
+from pyro_gmvae.posterior import evaluating
 
 #: Default peak memory for the per-sample intermediate tensors of one chunk (bytes).
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
-
-
-@contextlib.contextmanager
-def _evaluating(*modules):
-    """Eval mode and inference mode for the block; the previous modes come back after."""
-    modes = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.eval()
-        with torch.inference_mode():
-            yield
-    finally:
-        for m, mode in zip(modules, modes, strict=True):
-            m.train(mode)
 
 
 def _model_and_guide(run_or_model_guide):
@@ -201,7 +187,7 @@ def loglik(
     device, dtype = param.device, param.dtype
     num_examples = y.shape[0]
     estimates, stderrs = [], []
-    with _evaluating(model, guide):
+    with evaluating(model, guide):
         if num_examples == 0:
             empty = torch.empty(0, dtype=dtype)
             return (empty, empty.clone()) if return_mc_stderr else empty
