@@ -103,6 +103,45 @@ def _torchvision_split(cls, what: str, root, **kwargs):
         ) from None
 
 
+def _new_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _download(cls, what: str, root, folder: Path, files: list[str], hosts: list[str], **kwargs):
+    """``cls(root, download=True, **kwargs)``: a torchvision data set that fetches its files
+    into ``folder``.  A failed download raises one line (what failed, from where, where the
+    files go) and removes the folders this call created, when they are empty."""
+    created = _new_folders(folder)
+    try:
+        return cls(str(root), download=True, **kwargs)
+    except (RuntimeError, OSError, ValueError) as err:  # URLError is an OSError
+        for path in created:  # deepest first; a folder holding a finished download stays
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        # torchvision's message spans lines (one per mirror tried); its last line is the
+        # last error, e.g. "<urlopen error [Errno -2] Name or service not known>".
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(err).__name__
+        raise UserInputError(
+            f"cannot download {what} from {', '.join(hosts)} ({reason}); check the connection, or copy "
+            f"{', '.join(files)} into {folder} yourself and run without --download"
+        ) from None
+
+
+def _hosts(urls) -> list[str]:
+    from urllib.parse import urlparse
+
+    return list(dict.fromkeys(urlparse(url).netloc or url for url in urls))
+
+
 def _torchvision_images(dataset) -> torch.Tensor:
     data = dataset.data
     data = torch.as_tensor(data)
@@ -115,10 +154,14 @@ def load_mnist(root: str, download: bool = False) -> Dataset:
     """MNIST through torchvision, pixels in [0, 1]: 60k train, 10k test."""
     from torchvision.datasets import MNIST
 
-    if not download:
-        _require_file(Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte", "MNIST", downloadable=True)
-    train = _torchvision_split(MNIST, "MNIST", root, train=True, download=download)
-    test = _torchvision_split(MNIST, "MNIST", root, train=False, download=download)
+    raw = Path(root) / "MNIST" / "raw"
+    if download:  # fetches all four files
+        files = [name.removesuffix(".gz") for name, _ in MNIST.resources]
+        train = _download(MNIST, "MNIST", root, raw, files, _hosts(MNIST.mirrors), train=True)
+    else:
+        _require_file(raw / "train-images-idx3-ubyte", "MNIST", downloadable=True)
+        train = _torchvision_split(MNIST, "MNIST", root, train=True)
+    test = _torchvision_split(MNIST, "MNIST", root, train=False)
     return Dataset(
         "mnist", _torchvision_images(train), train.targets.long(), _torchvision_images(test), test.targets.long()
     )
@@ -155,7 +198,8 @@ def load_svhn(root: str, download: bool = False) -> Dataset:
         from torchvision.datasets import SVHN
 
         for split in splits:
-            _torchvision_split(SVHN, "SVHN", str(folder), split=split, download=True)
+            url, filename, _ = SVHN.split_list[split]
+            _download(SVHN, f"SVHN {split} split", folder, folder, [filename], _hosts([url]), split=split)
     for split in splits:
         _require_file(folder / f"{split}_32x32.mat", f"SVHN {split} split", downloadable=True)
     x, labels = _read_svhn_mat(folder / "train_32x32.mat")
