@@ -1,7 +1,7 @@
 """Evaluate a trained run: held-out log-likelihood by importance sampling, next to its ELBO.
 
-    python experiments/evaluate.py runs/spiral-v2-K8-seed0 --loglik 1000
-    python experiments/evaluate.py runs/mnist-v2-K10-seed0 --loglik 5000 --device cuda --json ll.json
+    python experiments/evaluate.py runs/spiral-v2-K8-seed0-1 --loglik 1000
+    python experiments/evaluate.py runs/mnist-v2-K10-seed0-1 --loglik 5000 --device cuda --json ll.json
 
 log p(y) is estimated per example with S importance samples from the guide, the cluster
 variable summed exactly (``pyro_gmvae.loglik``); the mean over examples and its standard

@@ -4,7 +4,13 @@
     python experiments/run.py --data mnist --device cuda       # the paper's MNIST experiment
     python experiments/run.py --out runs/x --resume --epochs 200
 
-Unset options come from the data preset (``pyro_gmvae.config.DATA_PRESETS``).
+Unset options come from the data preset (``pyro_gmvae.config.DATA_PRESETS``).  Without
+``--out`` each run gets a fresh folder ``runs/<data>-<guide>-K<K>-seed<seed>-<N>`` (N one
+above the highest there); ``--resume`` without ``--out`` continues the highest.
+
+Errors are one line on stderr.  Exit codes: 0 done, 2 bad input or a failed write,
+130 Ctrl-C, 143 SIGTERM (both keep the last complete checkpoint and print the
+``--resume`` command; under torchrun every rank exits so and rank 0 prints the line).
 """
 
 from __future__ import annotations
@@ -12,12 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
+from pathlib import Path
 
 from pyro_gmvae.config import Config, add_arguments, presets_table
 from pyro_gmvae.distributed import info_from_env
 from pyro_gmvae.errors import NonFiniteLossError, UserInputError
-from pyro_gmvae.runfolder import RunFolder
+from pyro_gmvae.faults import Terminated, raise_on_sigterm
+from pyro_gmvae.runfolder import CONFIG_NAME, RunFolder
 from pyro_gmvae.training import train
 
 
@@ -51,13 +60,29 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool, bool]:
     if resume and overwrite:
         raise UserInputError("--resume and --overwrite contradict each other; pass one")
     if resume:  # the saved options, overridden by the flags given now
-        folder = RunFolder(given["out"]) if "out" in given else RunFolder.for_config(Config(**given).resolved())
+        folder = RunFolder(given["out"]) if "out" in given else RunFolder.latest_default(Config(**given).resolved())
         return folder.resume_config(given), resume, overwrite
     return Config(**given), resume, overwrite
 
 
+def interrupted_line(err: KeyboardInterrupt) -> str:
+    """The one line for Ctrl-C or SIGTERM: the last complete epoch and how to continue."""
+    what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+    folder = getattr(err, "run_folder", None)
+    if folder is None:  # before the run folder was made: nothing was written
+        return f"error: {what} before training started; nothing was written"
+    epoch = getattr(err, "last_epoch", None)
+    resume = f"python experiments/run.py --out {shlex.quote(str(folder))} --resume"
+    if epoch:
+        return f"error: {what} after epoch {epoch}; the checkpoint in {folder} is kept; continue with: {resume}"
+    if (Path(folder) / CONFIG_NAME).is_file():  # --resume starts such a run over
+        return f"error: {what} before the first epoch completed; start it over with: {resume}"
+    return f"error: {what} before the first epoch completed; nothing was kept"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    raise_on_sigterm()  # a scheduler's SIGTERM unwinds like Ctrl-C
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config, resume, overwrite = config_from_args(args)
@@ -70,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserInputError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; the last complete checkpoint is kept, continue with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM as faults.Terminated
+        if info_from_env().is_main:
+            print(interrupted_line(err), file=sys.stderr)
+        return Terminated.exit_code if isinstance(err, Terminated) else 130
     if not info_from_env().is_main:  # under torchrun only rank 0 reports (the others have no summary)
         return 0
     summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.final.items())

@@ -69,11 +69,25 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Save ``state`` (plain tensors, numbers, dicts) atomically with a format marker."""
+def encode_checkpoint(state: dict) -> bytes:
+    """The bytes of a checkpoint of ``state``, with the format marker and version."""
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Save ``state`` (plain tensors, numbers, dicts) atomically with a format marker.
+
+    An ``OSError`` leaves the previous checkpoint in place and carries the checkpoint's
+    size as ``needed`` (bytes).
+    """
+    payload = encode_checkpoint(state)
+    try:
+        atomic_write_bytes(Path(path), payload)
+    except OSError as err:
+        err.needed = len(payload)
+        raise
 
 
 def load_checkpoint(path: Path, map_location="cpu", required: tuple[str, ...] = ()) -> dict:

@@ -155,7 +155,7 @@ class Config:
     free_bits: float = option(0.0, "lambda, free-bits threshold of the z prior (0: off)", check=non_negative_number)
     seed: int = option(0, "random seed")
     device: str = option("cpu", "cpu, cuda or cuda:N")
-    out: str | None = option(None, "run folder (default runs/<data>-<guide>-K<K>-seed<seed>)")
+    out: str | None = option(None, "run folder (default: a fresh runs/<data>-<guide>-K<K>-seed<seed>-<N>)")
     train_subset: int | None = option(None, "use only the first N training examples", check=positive_int, optional=True)
     test_subset: int | None = option(None, "use only the first N test examples", check=positive_int, optional=True)
     progress: bool = option(True, "no progress bar", action="store_false", flag="--no-progress")

@@ -130,9 +130,50 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown(info: DistInfo) -> None:
-    """Leave the process group that :func:`init` joined."""
-    if info.enabled and dist.is_initialized():
+def broadcast(value, info: DistInfo):
+    """Rank 0's ``value`` on every rank (any picklable object; ``value`` itself for one process)."""
+    if not info.enabled:
+        return value
+    box = [value if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def raise_together(check, info: DistInfo):
+    """Run ``check()`` on every rank; if it raises :class:`UserInputError` on any rank, raise
+    that message on every rank, so no rank waits at a collective for one that left."""
+    message, result = None, None
+    try:
+        result = check()
+    except UserInputError as err:
+        if not info.enabled:
+            raise
+        message = str(err)
+    if info.enabled:
+        messages = [None] * info.world_size
+        dist.all_gather_object(messages, message)
+        first = next((m for m in messages if m is not None), None)
+        if first is not None:
+            raise UserInputError(first)
+    return result
+
+
+def shutdown(info: DistInfo, clean: bool = True) -> None:
+    """Leave the process group that :func:`init` joined, every rank at the same moment.
+
+    A clean end waits at a barrier for every rank (rank 0 may still be evaluating and
+    writing figures) and then destroys the group on every rank.  After an error only the
+    destroy runs: the other ranks may never reach a barrier.  Call it after the DDP wrapper
+    is released: a process that exits without ``destroy_process_group`` leaves gloo's
+    worker threads holding work objects, which aborts the interpreter at finalisation
+    (``terminate called without an active exception``, SIGABRT).
+    """
+    if not (info.enabled and dist.is_initialized()):
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 

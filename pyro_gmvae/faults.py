@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -47,14 +48,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read_holder(fd: int) -> str:
+    """The pid in a held lock file (its holder writes it just after taking the lock)."""
+    for _ in range(50):
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.01)
+    return "unknown"
+
+
 class FolderLock:
     """Exclusive lock on a run folder for the life of a run.
 
     ``acquire()`` creates the folder if needed, opens ``.lock`` in it and takes a
     non-blocking ``flock``; a second process gets a :class:`UserInputError` naming the
-    holder's pid.  The lock file keeps the pid of the last holder; the lock itself lives
-    in the kernel, so a run killed with SIGKILL leaves a stale file that the next run
-    takes over (and says so in the log).
+    holder's pid.  The lock file holds the holder's pid and is deleted on release; the
+    lock itself lives in the kernel, so a run killed with SIGKILL leaves a stale file that
+    the next run takes over (and says so in the log).
     """
 
     def __init__(self, folder: Path):
@@ -66,21 +77,26 @@ class FolderLock:
     def acquire(self) -> FolderLock:
         if fcntl is None:  # pragma: no cover
             return self
+        if self._fd is not None:
+            return self
         if not self.folder.exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.created_folder = True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            try:
+                self.folder.mkdir(parents=True)
+                self.created_folder = True
+            except FileExistsError:
+                pass
+        while True:
+            fd = self._open_and_lock()
+            # release() unlinks the file under the lock: a process that opened it just before
+            # then holds a lock on a file no longer in the folder, and must try again.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            raise UserInputError(
-                f"{self.folder} is in use by another run (pid {holder}); wait for it to finish or pass another --out"
-            ) from None
-        previous = os.read(fd, 32).decode(errors="replace").strip()
+        previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
         if previous.isdigit() and int(previous) != os.getpid() and not _pid_alive(int(previous)):
             logger.info("took over the stale lock of %s left by pid %s", self.folder, previous)
         os.ftruncate(fd, 0)
@@ -88,14 +104,30 @@ class FolderLock:
         self._fd = fd
         return self
 
+    def _open_and_lock(self) -> int:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise UserInputError(
+                f"{self.folder} is in use by another run (pid {holder}); wait for it to finish or pass another --out"
+            ) from None
+        return fd
+
     def release(self, remove_folder_if_empty: bool = False) -> None:
-        """Drop the lock; with ``remove_folder_if_empty``, undo a folder that :meth:`acquire` made."""
+        """Drop the lock and delete its file; with ``remove_folder_if_empty``, also undo a
+        folder that :meth:`acquire` made and nothing else wrote to."""
         if self._fd is None:
             return
         with contextlib.suppress(OSError):
+            self.path.unlink()  # under the lock: see acquire()
+        with contextlib.suppress(OSError):
             if remove_folder_if_empty and self.created_folder:
-                self.path.unlink()
-                self.folder.rmdir()
+                self.folder.rmdir()  # fails, and is kept, when it holds anything
         os.close(self._fd)  # closing the descriptor drops the flock
         self._fd = None
 
@@ -133,7 +165,8 @@ def write_error(err: OSError, path: Path, needed: int | None = None, last_epoch:
             detail.append(f"about {needed / 1024:.0f} KiB needed")
     keep = ""
     if last_epoch:
-        keep = f"; the checkpoint of epoch {last_epoch} is intact, free space and continue with --resume"
+        fix = "free space" if err.errno == errno.ENOSPC else "fix this"
+        keep = f"; the checkpoint of epoch {last_epoch} is intact, {fix} and continue with --resume"
     extra = f" ({', '.join(detail)})" if detail else ""
     return UserInputError(f"cannot write {path}: {what}{extra}{keep}")
 

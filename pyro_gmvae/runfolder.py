@@ -11,19 +11,25 @@ Layout::
 
 :class:`RunFolder` owns the folder policy (a new run never silently replaces another; a
 resumed one must fit its checkpoint), every file it writes and the RNG state kept in the
-checkpoint.  Every write goes through :meth:`RunFolder._write_text`,
-:meth:`RunFolder._append_line` or :meth:`RunFolder.save_checkpoint`, and the folder is made
-ready in :meth:`RunFolder.open`: the places to add a lock or to turn ``OSError`` into a
-one-line error.
+checkpoint.  The writer holds an exclusive lock on the folder (:class:`~pyro_gmvae.faults.FolderLock`,
+``.lock``) from :meth:`RunFolder.check` to :meth:`RunFolder.close`, so a second run on the
+same folder is refused at once.  Every write goes through :meth:`RunFolder.writing`, which
+turns an ``OSError`` (a full disk) into one line that names the file, the space and the
+last intact checkpoint.
+
+Without ``--out`` a run gets a fresh folder ``runs/<data>-<guide>-K<K>-seed<seed>-<N>``,
+N one above the highest taken (:meth:`RunFolder.create_default`); ``--resume`` without
+``--out`` continues the highest (:meth:`RunFolder.latest_default`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import random
-import shutil
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +39,7 @@ import torch
 from pyro_gmvae import checkpoint as ckpt
 from pyro_gmvae.config import Config
 from pyro_gmvae.errors import UserInputError
+from pyro_gmvae.faults import LOCK_NAME, FolderLock, clear_folder, write_error
 
 # Options that fix the architecture: a checkpoint only resumes or loads under the same ones.
 ARCHITECTURE_KEYS = ("data", "network", "likelihood", "prior", "guide", "K", "x_dim", "w_dim", "hidden_dim")
@@ -42,6 +49,7 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 INIT_NAME = "init.json"
 SUMMARY_NAME = "metrics.json"
+DEFAULT_ROOT = Path("runs")
 FINAL_KEYS = ("acc_paper", "acc_hungarian", "purity", "nmi", "ari", "elbo", "clusters_used", "epochs", "seconds")
 
 
@@ -120,20 +128,62 @@ class RunFolder:
     def __init__(self, path: str | Path, writer: bool = True):
         self.path = Path(path)
         self.writer = writer
+        self.last_epoch: int | None = None  # of the last checkpoint known to be complete
+        self._lock = FolderLock(self.path)
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
+    # --- the default folder -------------------------------------------------------------
     @staticmethod
-    def default_path(config: Config) -> Path:
-        """``runs/<data>-<guide>-K<K>-seed<seed>`` for a resolved config."""
+    def default_name(config: Config) -> str:
+        """``<data>-<guide>-K<K>-seed<seed>`` for a resolved config (the prefix of its default folders)."""
         name = Path(config.data).stem if config.data.endswith(".npz") else config.data
-        return Path("runs") / f"{name}-{config.guide}-K{config.K}-seed{config.seed}"
+        return f"{name}-{config.guide}-K{config.K}-seed{config.seed}"
 
     @classmethod
-    def for_config(cls, config: Config, writer: bool = True) -> RunFolder:
-        """The folder of a resolved config: ``config.out``, or :meth:`default_path`."""
-        return cls(config.out or cls.default_path(config), writer)
+    def _numbered(cls, config: Config, root: Path) -> dict[int, Path]:
+        pattern = re.compile(re.escape(cls.default_name(config)) + r"-(\d+)")
+        if not root.is_dir():
+            return {}
+        return {int(m.group(1)): p for p in root.iterdir() if (m := pattern.fullmatch(p.name)) and p.is_dir()}
+
+    @classmethod
+    def create_default(cls, config: Config, root: str | Path = DEFAULT_ROOT) -> RunFolder:
+        """A new folder ``<root>/<default_name>-<N>``, N one above the highest there.
+
+        Made with ``os.mkdir``, which fails if another run took the name first: then the
+        next number is tried, so two runs started together never share a folder.
+        """
+        root = Path(root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserInputError(f"cannot create {root} ({err.strerror}); pass --out") from None
+        number = max(cls._numbered(config, root), default=0) + 1
+        while True:
+            path = root / f"{cls.default_name(config)}-{number}"
+            try:
+                os.mkdir(path)
+                break
+            except FileExistsError:
+                number += 1
+            except OSError as err:
+                raise UserInputError(f"cannot create the run folder {path} ({err.strerror}); pass --out") from None
+        folder = cls(path)
+        folder._lock.created_folder = True  # close() removes it if the run is refused before writing
+        return folder
+
+    @classmethod
+    def latest_default(cls, config: Config, root: str | Path = DEFAULT_ROOT) -> RunFolder:
+        """The highest-numbered default folder of ``config`` (what ``--resume`` without ``--out`` continues)."""
+        root = Path(root)
+        found = cls._numbered(config, root)
+        if not found:
+            raise UserInputError(
+                f"--resume given but {root} holds no {cls.default_name(config)}-N run; pass the run folder with --out"
+            )
+        return cls(found[max(found)])
 
     @property
     def checkpoint_path(self) -> Path:
@@ -146,18 +196,47 @@ class RunFolder:
         return (self.path / CONFIG_NAME).is_file() and (not metrics.exists() or metrics.stat().st_size == 0)
 
     def check(self, resume: bool, overwrite: bool) -> None:
-        """Refuse to train into a folder that holds another run, unless told to."""
+        """Lock the folder (the writer) and refuse to train into one that holds another run,
+        unless told to.  The lock comes first, so the check and the first write are one
+        step for any other run; a refused run releases it and leaves nothing behind."""
         out = self.path
         if out.exists() and not out.is_dir():
             raise UserInputError(f"--out {out} is a file, not a folder; pass a folder for the run")
+        if not resume:
+            existing = next((p for p in (out, *out.parents) if p.exists()), None)
+            if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+                raise UserInputError(
+                    f"cannot write the run folder {out}: {existing} is not writable; pass another --out"
+                )
+        self._check_contents(resume, overwrite)  # refuse without touching the folder...
+        try:
+            self._take_lock()
+            self._check_contents(resume, overwrite)  # ...and again under the lock, for the run that lost a race
+        except BaseException:
+            self.close()
+            raise
+
+    def _take_lock(self) -> None:
+        if not self.writer:
+            return
+        try:
+            self._lock.acquire()
+        except OSError as err:
+            raise UserInputError(
+                f"cannot create the run folder {self.path} ({err.strerror}); pass another --out"
+            ) from None
+
+    def close(self) -> None:
+        """Release the lock; a folder this run created and never wrote to is removed."""
+        self._lock.release(remove_folder_if_empty=True)
+
+    def _check_contents(self, resume: bool, overwrite: bool) -> None:
+        out = self.path
         if resume:
             if not self.checkpoint_path.is_file() and not self._killed_before_first_checkpoint():
                 raise UserInputError(f"--resume given but {out} holds no checkpoint; drop --resume to start a new run")
             return
-        existing = next((p for p in (out, *out.parents) if p.exists()), None)
-        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-            raise UserInputError(f"cannot write the run folder {out}: {existing} is not writable; pass another --out")
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
             if not overwrite:
                 raise UserInputError(
                     f"{out} already holds files; pass --resume to continue it or --overwrite to replace it"
@@ -193,6 +272,7 @@ class RunFolder:
             return None
         state = ckpt.load_checkpoint(self.checkpoint_path, required=RESUME_KEYS)
         check_compatible(state["config"], config)
+        self.last_epoch = state["epoch"]
         if config.epochs < state["epoch"]:
             raise UserInputError(
                 f"--epochs is the total: the run in {self.path} already trained {state['epoch']} epochs, "
@@ -206,14 +286,15 @@ class RunFolder:
         config.json and rewrite metrics.jsonl from ``history`` (the checkpoint's)."""
         if not self.writer:
             return
-        if replace and self.path.exists():
-            shutil.rmtree(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserInputError(
                 f"cannot create the run folder {self.path} ({err.strerror}); pass another --out"
             ) from None
+        if replace:  # under the lock: everything but the lock file goes
+            with self.writing(self.path):
+                clear_folder(self.path)
         ckpt.remove_stale_temporaries(self.path)  # left by a run killed while writing
         self._write_text(CONFIG_NAME, json.dumps({**config.to_dict(), "versions": versions()}, indent=2))
         # The checkpoint is the record: metrics.jsonl is rewritten from it, so a run killed
@@ -232,16 +313,31 @@ class RunFolder:
     def save_checkpoint(self, state: dict, shuffle: torch.Generator) -> None:
         """Atomically replace checkpoint.pt with ``state``, the RNG state (:func:`rng_state`,
         with the data-order generator ``shuffle``) and the library versions."""
-        if self.writer:
+        if not self.writer:
+            return
+        with self.writing(self.checkpoint_path):  # the previous one stays until the atomic rename
             ckpt.save_checkpoint(self.checkpoint_path, {**state, "rng": rng_state(shuffle), "versions": versions()})
+        self.last_epoch = state["epoch"]
+
+    @contextlib.contextmanager
+    def writing(self, path: Path, needed: int | None = None):
+        """Turn an ``OSError`` raised while writing ``path`` into one line
+        (:func:`~pyro_gmvae.faults.write_error`) naming the last intact checkpoint."""
+        try:
+            yield
+        except OSError as err:
+            needed = getattr(err, "needed", needed)  # set by checkpoint.save_checkpoint
+            raise write_error(err, path, needed=needed, last_epoch=self.last_epoch) from None
 
     def _write_text(self, name: str, text: str) -> None:
         if self.writer:
-            ckpt.atomic_write_text(self.path / name, text)
+            payload = text.encode()
+            with self.writing(self.path / name, needed=len(payload)):
+                ckpt.atomic_write_bytes(self.path / name, payload)
 
     def _append_line(self, name: str, line: str) -> None:
         if self.writer:
-            with open(self.path / name, "a") as f:
+            with self.writing(self.path / name, needed=len(line) + 1), open(self.path / name, "a") as f:
                 f.write(line + "\n")
                 f.flush()
 

@@ -5,7 +5,7 @@ the resolved config, the data shape and both state dicts.  The returned :class:`
 answers the questions a notebook asks, each a thin wrapper over :mod:`pyro_gmvae.posterior`
 (eval mode and inference mode for the call, the modules' modes restored after, batched)::
 
-    run = pyro_gmvae.load_run("runs/spiral-v2-K8-seed0")
+    run = pyro_gmvae.load_run("runs/spiral-v2-K8-seed0-1")
     data = run.load_data()
     probs = run.cluster_probs(data.x_test)          # (N, K)
 

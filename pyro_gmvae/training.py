@@ -11,14 +11,16 @@ warm-up) are functions of the epoch, passed into each epoch as arguments.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
+import traceback
 
 import pyro
 import torch
 
-from pyro_gmvae import distributed, posterior
+from pyro_gmvae import distributed, faults, posterior
 from pyro_gmvae.build import build_model_and_guide
 from pyro_gmvae.config import Config
 from pyro_gmvae.data import Dataset, prepare_data
@@ -84,18 +86,32 @@ def _prepare(config: Config, resume: bool, overwrite: bool, data: Dataset | None
     device = resolve_device(config.device)
     info = distributed.init(device)  # under torchrun: RANK, WORLD_SIZE, LOCAL_RANK
     device = distributed.local_device(info, device)
-    distributed.per_rank_batch(config.batch_size, info)  # --batch-size is the global batch
-    folder = RunFolder.for_config(config, writer=info.is_main)
-    config.out = str(folder.path)
-    folder.check(resume, overwrite)
-    distributed.barrier(info)  # every rank has checked the folder before rank 0 writes to it
-    state = folder.resume_state(config) if resume else None
-    data = prepare_data(config, data)
-    if state is not None and tuple(state["data_shape"]) != data.data_shape:
-        raise UserInputError(
-            f"the checkpoint in {folder.path} was trained on examples of shape {tuple(state['data_shape'])}, "
-            f"the data now have {data.data_shape}; resume with the same data"
-        )
+    folder = None
+    try:
+        distributed.per_rank_batch(config.batch_size, info)  # --batch-size is the global batch
+        if config.out is None:  # a fresh numbered folder, named by rank 0 for every rank
+            new = lambda: RunFolder.create_default(config) if info.is_main else None  # noqa: E731
+            folder = distributed.raise_together(new, info)
+            config.out = distributed.broadcast(str(folder.path) if folder else None, info)
+        folder = folder or RunFolder(config.out, writer=info.is_main)
+        config.out = str(folder.path)
+        distributed.raise_together(lambda: folder.check(resume, overwrite), info)  # rank 0 locks the folder
+        distributed.barrier(info)  # every rank has checked the folder before rank 0 writes to it
+        state = folder.resume_state(config) if resume else None
+        data = prepare_data(config, data)
+        if state is not None and tuple(state["data_shape"]) != data.data_shape:
+            raise UserInputError(
+                f"the checkpoint in {folder.path} was trained on examples of shape {tuple(state['data_shape'])}, "
+                f"the data now have {data.data_shape}; resume with the same data"
+            )
+        # Before the data reach the device and before any pretraining: K and memory fit.
+        sizes = (config, data.data_shape, len(data.x), len(data.x_test), device)
+        distributed.raise_together(lambda: faults.check_sizes(*sizes), info)
+    except BaseException:
+        if folder is not None:
+            folder.close()  # a refused run leaves no folder it created
+        distributed.shutdown(info, clean=False)
+        raise
     return config, info, device, folder, state, data
 
 
@@ -140,8 +156,30 @@ def train(
     the run in ``config.out`` from its checkpoint (``config.epochs`` is the total);
     ``overwrite`` replaces whatever ``config.out`` holds; ``data`` is used instead of
     loading ``config.data``; ``make_figures`` writes ``figures/*.png`` at the end.
+    Without ``config.out`` the run gets a fresh folder (:meth:`RunFolder.create_default`).
+
+    The folder is locked for the run.  A ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM as
+    :class:`~pyro_gmvae.faults.Terminated`) is re-raised with ``run_folder`` and
+    ``last_epoch`` (of the last complete checkpoint, or None) set on it.  Under torchrun
+    every rank leaves the process group together at the end.
     """
     config, info, device, folder, state, data = _prepare(config, resume, overwrite, data)
+    if info.is_main:
+        print(f"run folder: {folder.path}", flush=True)
+    try:
+        return _train(config, info, device, folder, state, data, overwrite, make_figures)
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt):
+            err.run_folder, err.last_epoch = folder.path, folder.last_epoch
+        traceback.clear_frames(err.__traceback__)  # drop the DDP wrapper that _train's frame holds
+        gc.collect()
+        distributed.shutdown(info, clean=False)
+        raise
+    finally:
+        folder.close()
+
+
+def _train(config, info, device, folder, state, data, overwrite, make_figures) -> Run:
     pyro.set_rng_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
     model, guide = build_model_and_guide(config, data.data_shape)
@@ -199,6 +237,11 @@ def train(
         if make_figures:
             from pyro_gmvae.plots import make_run_figures
 
-            make_run_figures(folder.path, model, guide, data, history)
+            with folder.writing(folder.path / "figures"):
+                make_run_figures(folder.path, model, guide, data, history)
+    # Release DDP (its reducer holds gloo work objects) before the group goes, then leave
+    # it on every rank at once: the other ranks have waited here while rank 0 wrote.
+    step_loss = None  # noqa: F841 (the epoch lambdas close over it)
+    gc.collect()
     distributed.shutdown(info)
     return Run(folder.path, config, model, guide, data.data_shape, history, final, device)

@@ -260,9 +260,12 @@ def test_ctrl_c_prints_one_line_and_keeps_a_checkpoint(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert stderr.splitlines() == ["error: interrupted; the last complete checkpoint is kept, continue with --resume"]
     state = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME, required=RESUME_KEYS)
     assert state["epoch"] >= 1
+    assert stderr.splitlines() == [
+        f"error: interrupted after epoch {state['epoch']}; the checkpoint in {out} is kept; "
+        f"continue with: python experiments/run.py --out {out} --resume"
+    ]
 
 
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path):

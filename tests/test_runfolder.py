@@ -12,14 +12,33 @@ from pyro_gmvae.errors import UserInputError
 from pyro_gmvae.runfolder import RunFolder, check_compatible, rng_state, set_rng_state
 
 
-def test_default_path_names_data_guide_clusters_and_seed():
-    assert str(RunFolder.default_path(Config(seed=3).resolved())) == "runs/spiral-v2-K8-seed3"
-    assert str(RunFolder.default_path(Config(data="x/mine.npz").resolved())) == "runs/mine-v2-K10-seed0"
+def test_default_name_names_data_guide_clusters_and_seed():
+    assert RunFolder.default_name(Config(seed=3).resolved()) == "spiral-v2-K8-seed3"
+    assert RunFolder.default_name(Config(data="x/mine.npz").resolved()) == "mine-v2-K10-seed0"
+
+
+def test_default_folders_are_numbered_and_never_collide(tmp_path):
+    config = Config(seed=3).resolved()
+    with pytest.raises(UserInputError, match="holds no spiral-v2-K8-seed3-N run"):
+        RunFolder.latest_default(config, tmp_path)
+    first = RunFolder.create_default(config, tmp_path)
+    (tmp_path / "spiral-v2-K8-seed3-7").mkdir()  # a gap: the next is above the highest
+    (tmp_path / "spiral-v2-K8-seed3-x").mkdir()  # not a number: ignored
+    second = RunFolder.create_default(config, tmp_path)
+    assert first.path.name == "spiral-v2-K8-seed3-1" and second.path.name == "spiral-v2-K8-seed3-8"
+    assert RunFolder.latest_default(config, tmp_path).path == second.path
+    # A fresh folder that the run never wrote to is removed when it is refused and closed.
+    second.check(resume=False, overwrite=False)
+    second.close()
+    assert not second.path.exists() and first.path.is_dir()
 
 
 def test_a_new_run_never_replaces_another_unless_told(tmp_path):
     folder = RunFolder(tmp_path / "run")
-    folder.check(resume=False, overwrite=False)  # absent: fine
+    folder.check(resume=False, overwrite=False)  # absent: fine, and locked
+    assert (tmp_path / "run" / ".lock").is_file()
+    folder.close()
+    assert not (tmp_path / "run").exists()  # made by the check, never written: removed
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
     with pytest.raises(UserInputError, match="already holds files"):
