@@ -250,3 +250,46 @@ def test_torchrun_jobs_exit_cleanly(tmp_path):
     summary = torchrun_exits.measure(3, tmp_path, log=lambda line: None)
     assert summary["clean"] == 3, summary["failures"]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [f"spiral-v2-K8-seed0-{n}" for n in (1, 2, 3)]
+
+
+RECORD_EXIT = textwrap.dedent(
+    """
+    import os, runpy, sys
+    from pathlib import Path
+    run, record = sys.argv[1], Path(sys.argv[2])
+    sys.argv = [run, *sys.argv[3:]]
+    try:
+        runpy.run_path(run, run_name="__main__")
+    except SystemExit as done:
+        (record / f"rank{os.environ['RANK']}").write_text(str(done.code))
+        raise
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_every_rank_exits_143_and_rank_0_prints_one_line(tmp_path):
+    (tmp_path / "record.py").write_text(RECORD_EXIT)
+    out = tmp_path / "run"
+    args = ["--standalone", "--nproc_per_node=2", tmp_path / "record.py", RUN, tmp_path]
+    args += ["--out", out, "--epochs", "300", "--no-progress", "--device", "cpu"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", *map(str, args)],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no epoch finished"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every worker
+    _, stderr = proc.communicate(timeout=120)
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["143", "143"]
+    ours = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and ours[0].startswith("error: terminated (SIGTERM) after epoch "), stderr
+    assert "terminate called" not in stderr
+    assert not (out / LOCK_NAME).exists()
