@@ -171,8 +171,9 @@ def train(
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt):
             err.run_folder, err.last_epoch = folder.path, folder.last_epoch
-        traceback.clear_frames(err.__traceback__)  # drop the DDP wrapper that _train's frame holds
-        gc.collect()
+        if info.enabled:  # drop the DDP wrapper that _train's frames hold, then leave the group
+            traceback.clear_frames(err.__traceback__)
+            gc.collect()
         distributed.shutdown(info, clean=False)
         raise
     finally:
