@@ -293,3 +293,48 @@ def test_sigterm_under_torchrun_every_rank_exits_143_and_rank_0_prints_one_line(
     assert len(ours) == 1 and ours[0].startswith("error: terminated (SIGTERM) after epoch "), stderr
     assert "terminate called" not in stderr
     assert not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_a_locked_folder_refuses_every_torchrun_rank(tmp_path):
+    (tmp_path / "record.py").write_text(RECORD_EXIT)
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _tree(out)
+        args = ["--standalone", "--nproc_per_node=2", tmp_path / "record.py", RUN, tmp_path]
+        args += ["--out", out, "--epochs", "1", "--no-progress", "--device", "cpu"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", *map(str, args)],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        # The check runs on rank 0 (the writer) and its refusal is raised on every rank.
+        assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["2", "2"]
+        ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert (
+            ours
+            == [
+                f"error: {out} is in use by another run (pid {holder.pid}); wait for it to finish or pass another --out"
+            ]
+            * 2
+        )
+        assert _tree(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_collective_helpers_are_plain_calls_in_one_process():
+    from pyro_gmvae import distributed
+
+    info = distributed.DistInfo()
+    assert distributed.broadcast("x", info) == "x"
+    assert distributed.raise_together(lambda: 3, info) == 3
+    with pytest.raises(UserInputError, match="bad"):
+        distributed.raise_together(lambda: (_ for _ in ()).throw(UserInputError("bad")), info)
+    distributed.shutdown(info)  # nothing to leave
