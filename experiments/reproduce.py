@@ -39,7 +39,9 @@ from pyro_gmvae.errors import NonFiniteLossError, UserInputError
 from pyro_gmvae.training import INIT_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METRICS = ("acc_paper", "acc_hungarian", "purity", "nmi", "ari", "clusters_used", "marginal_entropy", "elbo")
+METRICS = (
+    "acc_paper", "acc_hungarian", "purity", "nmi", "ari", "clusters_used", "marginal_entropy", "elbo", "acc_supervised",
+)  # fmt: skip
 
 # MNIST test accuracy (paper rule) from Dilokthanakul et al. 2016, Table 1.
 PAPER = {
@@ -102,6 +104,9 @@ GRIDS = {
         seeds=5, epochs=100,
         settings=[dict(K=k, mc_samples=m, guide=g) for k in (10, 16, 30) for m in (1, 10) for g in ("v2", "v1")],
     ),
+    # --labels N (each seed is another label draw); experiments/semisupervised.py runs it and
+    # writes results/semisupervised.json.
+    "semisup": dict(seeds=3, epochs=20, settings=[dict(labels=n) for n in (100, 600, 1000, 3000)]),
 }  # fmt: skip
 
 
@@ -128,6 +133,8 @@ def setting_name(s: dict, train_subset: int | None) -> str:
         name += f"-cos{s['lr_final']:g}"
     if s["x_dim"] != BASE["x_dim"] or s["w_dim"] != BASE["w_dim"]:
         name += f"-x{s['x_dim']}w{s['w_dim']}"
+    if s.get("labels"):
+        name += f"-labels{s['labels']}w{s.get('label_weight', 1.0):g}"
     return name + (f"-n{train_subset}" if train_subset else "")
 
 

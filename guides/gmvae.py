@@ -98,8 +98,8 @@ class ExactGuide(PyroModule):
         q_x = dist.Normal(q["x_loc"], q["x_scale"]).to_event(1)
         return q_w, q_x
 
-    def forward(self, y: torch.Tensor, kl_weight: float = 1.0) -> None:
-        """Issue the sites for ``y``; ``kl_weight`` is the model's (the signatures match)."""
+    def forward(self, y: torch.Tensor, kl_weight: float = 1.0, labels: torch.Tensor | None = None) -> None:
+        """Issue the sites for ``y``; ``kl_weight`` and ``labels`` are the model's (the signatures match)."""
         q_w, q_x = self.posteriors(self.encode(y))
         with pyro.plate("data", y.shape[0]):
             pyro.sample("w", q_w)
@@ -155,14 +155,18 @@ class ClusterHeadGuide(ExactGuide):
         z_prior = kl_categorical(torch.log_softmax(q["z_logits"], -1), self.cluster_log_weights())
         return -z_prior_adjustment(z_prior, reg)
 
-    def forward(self, y: torch.Tensor, kl_weight: float = 1.0) -> None:
+    def forward(self, y: torch.Tensor, kl_weight: float = 1.0, labels: torch.Tensor | None = None) -> None:
+        """Issue the sites for ``y``.  With ``labels`` z is observed in the model, so the
+        guide issues no z site and no z-prior regulariser (the classifier term on q(z|y) is
+        added by :mod:`pyro_gmvae.semisupervised`)."""
         q = self.encode(y)
         q_w, q_x = self.posteriors(q)
         with pyro.plate("data", y.shape[0]):
             pyro.sample("w", q_w)
-            pyro.sample("z", dist.Categorical(logits=q["z_logits"]), infer={"enumerate": "parallel"})
+            if labels is None:
+                pyro.sample("z", dist.Categorical(logits=q["z_logits"]), infer={"enumerate": "parallel"})
             pyro.sample("x", q_x)
-            if self.regularization.touches_z_prior:
+            if self.regularization.touches_z_prior and labels is None:
                 pyro.factor("z_prior_regularizer", self.regularizer(q), has_rsample=True)
 
 

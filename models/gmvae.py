@@ -114,16 +114,24 @@ class GMVAE(PyroModule):
         return value
 
     # --- the model ------------------------------------------------------------------
-    def forward(self, y: torch.Tensor, kl_weight: float = 1.0) -> None:
+    def forward(self, y: torch.Tensor, kl_weight: float = 1.0, labels: torch.Tensor | None = None) -> None:
         """Issue the sites for a batch ``y``; ``kl_weight`` beta in (0, 1] is KL warm-up's weight.
 
         With beta < 1 the loss becomes ``-(recon - beta KL) / beta``: the warm-up
         objective's gradient direction, its value scaled by 1 / beta.
+
+        ``labels`` (B,) int64 (semi-supervised training, :mod:`pyro_gmvae.semisupervised`):
+        the batch's classes, observed as z (``obs=labels``, no enumeration).  The ELBO is then
+        the supervised one, log p(y, z=label) bounded; the regulariser of the cluster
+        posterior is not issued (the label replaces that posterior).
         """
         batch_size = y.shape[0]
         with pyro.plate("data", batch_size):
             w = pyro.sample("w", self.p_w(batch_size))
-            z = pyro.sample("z", self.p_z(batch_size), infer={"enumerate": "parallel"})
+            if labels is not None:
+                z = pyro.sample("z", self.p_z(batch_size), obs=labels)
+            else:
+                z = pyro.sample("z", self.p_z(batch_size), infer={"enumerate": "parallel"})
             p_x = self.p_x(w, z)
             x = pyro.sample("x", p_x)
             p_y = self.p_y(x)
@@ -132,5 +140,5 @@ class GMVAE(PyroModule):
             if recon_boost > 0:
                 # ELBO + c log p(y|x) with c = (1 - beta) / beta is (recon - beta * KL) / beta.
                 pyro.factor("kl_warmup", recon_boost * p_y.log_prob(y))
-            if self.has_regularizer:
+            if self.has_regularizer and labels is None:
                 pyro.factor("regularizer", self.regularizer(x, w, p_x.log_components(x)))

@@ -159,6 +159,24 @@ class Config:
     train_subset: int | None = option(None, "use only the first N training examples", check=positive_int, optional=True)
     test_subset: int | None = option(None, "use only the first N test examples", check=positive_int, optional=True)
     progress: bool = option(True, "no progress bar", action="store_false", flag="--no-progress")
+    labels: int = option(
+        0,
+        "semi-supervised: observe the class of N training examples (a seeded draw balanced over classes, "
+        "saved in labels.json; needs labelled data and --K = the number of classes; 0: unsupervised)",
+        check=non_negative_int,
+    )
+    label_weight: float = option(
+        1.0,
+        "with --labels: weight of the classifier term -log r(z = label) of the guide's cluster posterior "
+        "on labelled examples (v1: q(z|y); v2: p(z|x,w) at the posterior means)",
+        check=non_negative_number,
+    )
+    binarize: str = option(
+        "none",
+        "dynamic: fresh Bernoulli pixels from the grey levels every epoch for training, a fixed seeded "
+        "binarisation of the test set (Bernoulli likelihood only)",
+        choices=("none", "dynamic"),
+    )
 
     def preset_name(self) -> str:
         if self.data.endswith(".npz"):
@@ -193,6 +211,11 @@ class Config:
                     raise UserInputError(
                         f"{flag(key)} needs --init vae-kmeans or vae-umap (PyTorch's initialisation has no partition)"
                     )
+
+        if self.binarize != "none" and self.likelihood != "bernoulli":
+            raise UserInputError(
+                f"--binarize {self.binarize} needs --likelihood bernoulli (pixels in [0, 1]); got {self.likelihood}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -294,6 +294,7 @@ def validate_dataset(data: Dataset, data_range: tuple[float, float] | None, batc
 
 def prepare_data(config, data: Dataset | None = None) -> Dataset:
     """Load (unless given), subset and validate the data for a resolved config."""
+    from pyro_gmvae import binarize, semisupervised
     from pyro_gmvae.likelihoods import LIKELIHOODS
 
     if data is None:
@@ -304,7 +305,9 @@ def prepare_data(config, data: Dataset | None = None) -> Dataset:
     if config.test_subset:
         data.x_test = data.x_test[: config.test_subset]
         data.labels_test = None if data.labels_test is None else data.labels_test[: config.test_subset]
+    binarize.prepare(config, data)  # --binarize dynamic: the fixed 0/1 test set
     validate_dataset(data, LIKELIHOODS[config.likelihood].data_range, config.batch_size)
+    semisupervised.check(config, data)  # --labels N: labels, K and N fit the data
     check_data_shape(config, data.data_shape)
     return data
 

@@ -307,6 +307,10 @@ class RunFolder:
     def write_summary(self, final: dict) -> None:
         self._write_text(SUMMARY_NAME, json.dumps(final, indent=2))
 
+    def write_json(self, name: str, record: dict) -> None:
+        """Another JSON record of the run (``labels.json``, the draw of ``--labels``)."""
+        self._write_text(name, json.dumps(record, indent=2))
+
     def append_metrics(self, row: dict) -> None:
         self._append_line(METRICS_NAME, json.dumps(row))
 

@@ -20,7 +20,7 @@ import traceback
 import pyro
 import torch
 
-from pyro_gmvae import distributed, faults, posterior
+from pyro_gmvae import binarize, distributed, faults, posterior, semisupervised
 from pyro_gmvae.build import build_model_and_guide
 from pyro_gmvae.config import Config
 from pyro_gmvae.data import Dataset, prepare_data
@@ -187,8 +187,11 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
     model.to(device)
     guide.to(device)
     x_train = data.x.to(device)
+    split = semisupervised.LabelledSplit(config, data, device) if config.labels else None
     init_record = _start(model, guide, data, x_train, config, shuffle, info, device) if state is None else None
     loss_fn = make_elbo(config.mc_samples)(model, guide)
+    if split is not None:  # --labels: the unlabelled ELBO plus the labelled one, in one module DDP can wrap
+        loss_fn = semisupervised.SemiSupervisedLoss(loss_fn, model, guide, config.mc_samples, config.label_weight)
     step_loss = distributed.wrap(loss_fn, info, device)  # DDP over the ELBO module, or loss_fn
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=config.lr)
     history, start_epoch = _restore(state, model, guide, optimizer, shuffle)
@@ -197,8 +200,10 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
     folder.open(config, history, replace=overwrite and state is None)
     if init_record is not None:
         folder.write_init(init_record)
+    if split is not None:
+        folder.write_json(semisupervised.LABELS_NAME, split.record())
 
-    steps = len(x_train) // config.batch_size
+    steps = (len(x_train) if split is None else len(split.unlabelled)) // config.batch_size
     show = config.progress and info.is_main
     bar = progress_bar((config.epochs - start_epoch) * steps, f"{config.data} K={config.K}", show)
     for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -207,10 +212,18 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         where = f"the last good checkpoint (epoch {history[-1]['epoch'] if history else start_epoch}) in {folder.path}"
         model.train()
         guide.train()
+        x_epoch = binarize.epoch_draw(x_train, shuffle) if config.binarize == "dynamic" else x_train
+
+        def epoch_loss(y, beta=beta):
+            return step_loss(y, kl_weight=beta) / len(y)  # DDP averages over ranks
+
+        if split is not None:  # each step: an unlabelled batch of x_epoch and a labelled batch drawn with shuffle
+            x_epoch, x_labelled = split.split(x_epoch)
+            epoch_loss = semisupervised.step_loss(step_loss, split, x_labelled, beta, shuffle)
         total = run_epoch(
-            lambda y, beta=beta: step_loss(y, kl_weight=beta) / len(y),  # DDP averages over ranks
+            epoch_loss,
             optimizer,
-            x_train,
+            x_epoch,
             config.batch_size,
             shuffle,
             lr=epoch_lr(config, epoch),  # every epoch, so a --lr given on resume takes effect
@@ -225,6 +238,8 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         if not info.is_main:  # rank 0 evaluates and writes the run folder
             continue
         row.update(_test_metrics(model, guide, data))
+        if split is not None and data.labels_test is not None:  # cluster c is class c
+            row["acc_supervised"] = semisupervised.accuracy(model, guide, data.x_test, data.labels_test)
         row.update(seconds=seconds, elapsed=(history[-1]["elapsed"] if history else 0.0) + seconds)
         history.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row.get('acc_hungarian', math.nan):.3f}")
@@ -233,6 +248,8 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         logger.info("epoch %d: %s", epoch, row)
     bar.close()
     final = final_metrics(history) if info.is_main else {}
+    if split is not None and info.is_main:
+        final["acc_supervised"] = history[-1].get("acc_supervised")
     if info.is_main:
         folder.write_summary(final)
         if make_figures:
