@@ -65,6 +65,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool, bool]:
     return Config(**given), resume, overwrite
 
 
+def close_progress_bars() -> None:
+    """End the bars a failed run left open, so that its error line starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def interrupted_line(err: KeyboardInterrupt) -> str:
     """The one line for Ctrl-C or SIGTERM: the last complete epoch and how to continue."""
     what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
@@ -93,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = train(config, resume=resume, overwrite=overwrite)
     except (UserInputError, NonFiniteLossError) as err:
+        close_progress_bars()
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM as faults.Terminated
+        close_progress_bars()
         if info_from_env().is_main:
             print(interrupted_line(err), file=sys.stderr)
         return Terminated.exit_code if isinstance(err, Terminated) else 130

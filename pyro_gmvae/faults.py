@@ -177,13 +177,45 @@ class Terminated(KeyboardInterrupt):
     exit_code = 128 + signal.SIGTERM
 
 
+_received: int | None = None  # the last SIGTERM or SIGINT the handlers below raised for
+
+
 def _raise_terminated(signum, frame):
+    global _received
+    _received = signum
     raise Terminated()
 
 
+def _raise_interrupt(signum, frame):
+    global _received
+    _received = signum
+    raise KeyboardInterrupt()
+
+
 def raise_on_sigterm() -> None:
-    """Make SIGTERM raise :class:`Terminated` (call from a script's main thread)."""
+    """Make SIGTERM raise :class:`Terminated`, and SIGINT ``KeyboardInterrupt`` as before;
+    both are remembered for :func:`interrupt_behind` (call from a script's main thread)."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGINT, _raise_interrupt)
+
+
+def interrupt_behind(err: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that ended a run with ``err``, or None.
+
+    An interrupt raised while TorchScript (Pyro's compiled einsum) or another C++ caller
+    runs Python code comes back wrapped in a ``RuntimeError``; the handlers of
+    :func:`raise_on_sigterm` remember the signal, so it is recovered here (once).
+    """
+    global _received
+    if isinstance(err, KeyboardInterrupt):
+        _received = None
+        return err
+    signum, _received = _received, None
+    if signum == signal.SIGTERM:
+        return Terminated()
+    if signum == signal.SIGINT:
+        return KeyboardInterrupt()
+    return None
 
 
 # --- sizes --------------------------------------------------------------------------

@@ -169,12 +169,15 @@ def train(
     try:
         return _train(config, info, device, folder, state, data, overwrite, make_figures)
     except BaseException as err:
-        if isinstance(err, KeyboardInterrupt):
-            err.run_folder, err.last_epoch = folder.path, folder.last_epoch
+        interrupt = faults.interrupt_behind(err)  # also one that TorchScript wrapped in a RuntimeError
+        if interrupt is not None:
+            interrupt.run_folder, interrupt.last_epoch = folder.path, folder.last_epoch
         if info.enabled:  # drop the DDP wrapper that _train's frames hold, then leave the group
             traceback.clear_frames(err.__traceback__)
             gc.collect()
         distributed.shutdown(info, clean=False)
+        if interrupt is not None and interrupt is not err:
+            raise interrupt from err
         raise
     finally:
         folder.close()

@@ -210,6 +210,30 @@ def test_sigterm_gives_one_line_exit_143_and_resume_finishes(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["epochs"] == epochs
 
 
+def test_an_interrupt_that_torchscript_wrapped_is_still_an_interrupt(tmp_path, monkeypatch):
+    """SIGTERM raised inside a TorchScript graph reaches train() as a RuntimeError."""
+    from pyro_gmvae import faults, training
+
+    real_run_epoch, calls = training.run_epoch, []
+
+    def run_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # what the handler does, then what TorchScript makes of it
+            with pytest.raises(faults.Terminated):
+                faults._raise_terminated(signal.SIGTERM, None)
+            raise RuntimeError("The following operation failed in the TorchScript interpreter.")
+        return real_run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "run_epoch", run_epoch)
+    out = tmp_path / "run"
+    with pytest.raises(faults.Terminated) as info:
+        train(Config(out=str(out), epochs=3, **SMALL), make_figures=False)
+    assert info.value.run_folder == out and info.value.last_epoch == 1
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert faults.interrupt_behind(RuntimeError()) is None  # remembered once only
+    assert ckpt.load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+
+
 # --- sizes ---------------------------------------------------------------------------------
 def test_k_above_the_training_examples_is_refused_at_once(tmp_path):
     t0 = time.monotonic()
