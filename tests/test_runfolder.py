@@ -83,3 +83,19 @@ def test_rng_state_round_trips():
     set_rng_state(state, shuffle)
     again = (torch.rand(3), torch.randperm(5, generator=shuffle))
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_overwrite_clears_the_folder_under_the_lock(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "figures").mkdir()
+    (out / "figures" / "old.png").write_bytes(b"png")
+    folder = RunFolder(out)
+    folder.check(resume=False, overwrite=True)
+    folder.open(Config(out=str(out)).resolved(), history=[], replace=True)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "metrics.jsonl"]
+    with pytest.raises(UserInputError, match=r"in use by another run \(pid \d+\)"):
+        RunFolder(out).check(resume=False, overwrite=True)
+    folder.close()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl"]
