@@ -18,7 +18,12 @@ Semantics (what :func:`pyro_gmvae.training.train` does with these helpers):
 - parameters start equal on every rank (seeded before building, and DDP broadcasts rank
   0's anyway); after building, rank r draws its Monte Carlo noise from seed ``seed + r``
   (:func:`rank_seed`), so ranks do not reuse each other's draws;
-- only rank 0 evaluates and writes the run folder (config, metrics, checkpoints, figures).
+- only rank 0 evaluates and writes the run folder (config, metrics, checkpoints, figures);
+  rank 0 alone names a fresh default folder and locks it, and a refusal of its check is
+  raised on every rank (:func:`raise_together`);
+- every rank ends together: a barrier, then ``destroy_process_group`` on every rank after
+  the DDP wrapper is released (:func:`shutdown`); SIGTERM (torchrun forwards it) ends
+  every rank with exit 143, and rank 0 prints the one line.
 """
 
 from __future__ import annotations

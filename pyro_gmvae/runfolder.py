@@ -8,6 +8,7 @@ Layout::
     metrics.json     the final summary
     checkpoint.pt    model, guide, optimiser, RNG state and history (atomic, see checkpoint.py)
     figures/         written by plots.make_run_figures
+    .lock            the pid of the run that holds the folder; only while it runs
 
 :class:`RunFolder` owns the folder policy (a new run never silently replaces another; a
 resumed one must fit its checkpoint), every file it writes and the RNG state kept in the
