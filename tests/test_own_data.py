@@ -1,0 +1,118 @@
+"""The own-data defaults (pyro_gmvae.autoconfig) and the own-data benchmark script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyro_gmvae.autoconfig import is_unit_interval, kmeans_hungarian, npz_defaults, standardize
+from pyro_gmvae.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _own_data():
+    spec = importlib.util.spec_from_file_location("own_data", REPO / "experiments" / "own_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_likelihood_from_value_range():
+    rng = np.random.default_rng(0)
+    assert npz_defaults(rng.random((500, 20)))["likelihood"] == "bernoulli"
+    assert npz_defaults(np.zeros((500, 20)))["likelihood"] == "bernoulli"  # the closed interval
+    assert npz_defaults(rng.normal(size=(500, 20)))["likelihood"] == "gaussian"
+    assert npz_defaults(rng.random((500, 20)) * 1.01)["likelihood"] == "gaussian"
+    assert not is_unit_interval(np.array([[0.5, -1e-3]]))
+
+
+def test_sizes_scale_with_data():
+    small, large = npz_defaults(np.ones((100, 4)) * 2), npz_defaults(np.ones((20000, 784)) * 2)
+    assert small["hidden_dim"] < large["hidden_dim"] <= 512
+    assert small["batch_size"] < large["batch_size"] <= 256
+    # the start is about the same number of optimiser steps: more epochs on less data
+    assert small["pretrain_epochs"] > large["pretrain_epochs"]
+    assert small["epochs"] >= large["epochs"]
+    assert npz_defaults(np.ones((10, 3)) * 2)["batch_size"] <= 10  # never above N
+    # images (N, C, H, W) count every value as a feature
+    assert npz_defaults(np.ones((1000, 1, 28, 28)))["hidden_dim"] == npz_defaults(np.ones((1000, 784)))["hidden_dim"]
+
+
+def test_defaults_deterministic_and_valid_config():
+    x = np.random.default_rng(1).normal(size=(300, 7))
+    first, second = npz_defaults(x, num_clusters=3), npz_defaults(x.copy(), num_clusters=3)
+    assert first == second
+    config = Config(data="own.npz", K=3, **first).resolved()
+    for key, value in first.items():
+        assert getattr(config, key) == value
+    assert npz_defaults(x, num_clusters=10)["batch_size"] >= 40  # room for every cluster in a batch
+
+
+def test_standardize_uses_training_statistics():
+    rng = np.random.default_rng(0)
+    x_train = rng.normal(5.0, 3.0, size=(200, 3))
+    x_train[:, 2] = 7.0  # a constant feature is only centred
+    x_test = rng.normal(5.0, 3.0, size=(50, 3))
+    s_train, s_test = standardize(x_train, x_test)
+    assert s_train.dtype == np.float32
+    np.testing.assert_allclose(s_train.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(s_train[:, :2].std(0), 1.0, atol=1e-5)
+    assert np.all(s_train[:, 2] == 0)
+    expected = (x_test - x_train.mean(0)) / np.where(x_train.std(0) < 1e-8, 1.0, x_train.std(0))
+    np.testing.assert_allclose(s_test, expected, rtol=1e-5, atol=1e-5)
+    assert standardize(x_train)[1] is None
+
+
+def test_kmeans_baseline_on_separated_blobs():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    labels = np.arange(300) % 3
+    x = centres[labels] + rng.normal(size=(300, 2))
+    assert kmeans_hungarian(x[:200], x[200:], labels[200:], 3) == 1.0
+
+
+def test_validation_split_never_reads_test(tmp_path):
+    own_data = _own_data()
+    path = tmp_path / "toy.npz"
+    x = np.arange(100, dtype=np.float32)[:, None]
+    np.savez(path, x=x, labels=np.arange(100) % 2, x_test=-x[:10], labels_test=np.zeros(10, dtype=np.int64))
+    x_tr, _, x_val, _ = own_data.load_split(path, val=True)
+    assert len(x_tr) == 80 and len(x_val) == 20 and x_val.min() >= 80  # the last 20 % of train
+    assert own_data.load_split(path, val=False)[2].max() <= 0  # the test split
+
+
+def test_sklearn_sets_are_seeded_and_stratified():
+    own_data = _own_data()
+    first, second = own_data.make_set("iris"), own_data.make_set("iris")
+    np.testing.assert_array_equal(first["x"], second["x"])
+    assert len(first["x"]) == 105 and len(first["x_test"]) == 45
+    assert np.bincount(first["labels_test"]).tolist() == [15, 15, 15]
+
+
+@pytest.mark.slow
+def test_end_to_end_blobs(tmp_path):
+    own_data = _own_data()
+    out_json = tmp_path / "own.json"
+    args = ["--only", "blobs", "--seeds", "0", "--val", "--out-json", str(out_json), "--cache", str(tmp_path)]
+    args += ["--runs", str(tmp_path / "runs"), "--set", "pretrain_epochs=5", "init_fit_epochs=2", "epochs=2"]
+    assert own_data.main(args) == 0
+    entry = json.loads(out_json.read_text())["blobs"]
+    assert entry["K"] == 3 and entry["kmeans_hungarian"] > 0.9
+    assert entry["acc_hungarian"] > 0.8
+    assert entry["config_seed0"]["likelihood"] == "gaussian"
+
+
+def test_mnist_subset_when_available():
+    from pyro_gmvae.data import default_data_root
+
+    if not (Path(default_data_root()) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.skip("MNIST not found under $PYRO_GMVAE_DATA")
+    arrays = _own_data().make_set("mnist10k")
+    assert arrays["x"].shape == (10000, 784) and arrays["x_test"].shape == (2000, 784)
+    assert 0.0 <= arrays["x"].min() and arrays["x"].max() <= 1.0
+    assert npz_defaults(arrays["x"], 10)["likelihood"] == "bernoulli"
