@@ -162,7 +162,8 @@ class Config:
     labels: int = option(
         0,
         "semi-supervised: observe the class of N training examples (a seeded draw balanced over classes, "
-        "saved in labels.json; needs labelled data and --K = the number of classes; 0: unsupervised)",
+        "saved in labels.json; needs labelled data and --K = the number of classes; the start is --init random "
+        "unless given; 0: unsupervised)",
         check=non_negative_int,
     )
     label_weight: float = option(
@@ -190,6 +191,8 @@ class Config:
         for key, default in preset.items():
             if values.get(key) is None:
                 values[key] = default
+        if values["labels"] and self.init is None:  # the labels order the components: no vae-* start
+            values["init"] = "random"
         if values["init"] == "random":  # a preset's restarts and fit go with its --init vae-*
             for key, off in (("init_restarts", 1), ("init_fit_epochs", 0)):
                 if getattr(self, key) is None:

@@ -212,3 +212,12 @@ def test_semisup_grid_and_its_summary(tmp_path):
     acc = out["100"]["accuracy"]
     assert acc["mean"] == pytest.approx(0.92) and acc["std"] == pytest.approx(0.02 * 2**0.5)
     assert [d["accuracy"] for d in acc["per_draw"]] == [0.9, 0.94] and out["100"]["m2_tutorial_percent"] == 93.19
+
+
+def test_labels_start_at_random_unless_told():
+    # A vae-* start orders the components arbitrarily; the labels order them, so the preset's
+    # start gives way, while an --init the user gives is kept.
+    resolved = Config(data="mnist", labels=100).resolved()
+    assert (resolved.init, resolved.init_restarts, resolved.init_fit_epochs) == ("random", 1, 0)
+    assert Config(data="mnist", labels=100, init="vae-kmeans").resolved().init == "vae-kmeans"
+    assert Config(data="mnist").resolved().init == "vae-umap"
