@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyro_gmvae.errors import UserInputError
+from pyro_gmvae.tensorboard_log import check_installed as _tensorboard_installed
 
 PRESET = "data preset"  # the default shown for options a preset fills
 
@@ -159,6 +160,13 @@ class Config:
     train_subset: int | None = option(None, "use only the first N training examples", check=positive_int, optional=True)
     test_subset: int | None = option(None, "use only the first N test examples", check=positive_int, optional=True)
     progress: bool = option(True, "no progress bar", action="store_false", flag="--no-progress")
+    tensorboard: bool = option(
+        False,
+        "also write the per-epoch metrics as TensorBoard event files into <run folder>/tensorboard "
+        '(needs the extra: pip install -e ".[tensorboard]")',
+        check=_tensorboard_installed,
+        action="store_true",
+    )
     labels: int = option(
         0,
         "semi-supervised: observe the class of N training examples (a seeded draw balanced over classes, "

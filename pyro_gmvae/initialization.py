@@ -52,6 +52,7 @@ from pyro_gmvae.errors import NonFiniteLossError
 from pyro_gmvae.loop import is_invalid_values_error, progress_bar, run_epoch
 from pyro_gmvae.objective import make_elbo
 from pyro_gmvae.partition import partition_latents, seat_components
+from pyro_gmvae.progress import status
 
 if TYPE_CHECKING:
     from pyro_gmvae.config import Config
@@ -199,6 +200,7 @@ def probe_start(
             run_epoch(
                 lambda y: loss_fn(y) / batch_size, optimizer, x_train, batch_size, generator, bar=bar, epoch=epoch
             )
+        bar.set_postfix_str(f"scoring on {min(score_points, len(x_train))} training examples")
         terms = posterior.elbo_terms_dataset(model, guide, x_train[:score_points], num_particles)
     except (ValueError, NonFiniteLossError) as err:  # the probe diverged
         if isinstance(err, ValueError) and not is_invalid_values_error(err):
@@ -244,7 +246,9 @@ def initialize(
         losses = pretrain_vae(
             m, g, x_train, config.pretrain_epochs, config.batch_size, config.pretrain_lr, shuffle, progress=progress
         )
-        seated = seat_components(m, g, x_train, config.seed + restart, method=PARTITIONS[config.init])
+        seated = seat_components(
+            m, g, x_train, config.seed + restart, method=PARTITIONS[config.init], progress=progress
+        )
         record = {"pretrain_loss": losses, "kmeans_inertia": seated["inertia"]}
         if config.init_fit_epochs > 0:
             labels = seated["assignments"]
@@ -264,7 +268,8 @@ def initialize(
             )
             if finite and (best is None or probe["loss"] < records[best]["probe_loss"]):
                 best, best_pair = restart, (m, g)  # the seated start: the probe trained copies
-        record["test_at_init"] = posterior.evaluate(m, g, data)
+        with status(f"evaluating the start on {len(data.x_test)} test examples", progress):
+            record["test_at_init"] = posterior.evaluate(m, g, data)
         records.append(record)
         logger.info("start %d of %d: %s", restart + 1, restarts, record)
     if restarts > 1 and best is None:

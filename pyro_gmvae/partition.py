@@ -12,6 +12,7 @@ import torch
 
 from pyro_gmvae.errors import UserInputError
 from pyro_gmvae.networks import SCALE_FLOOR
+from pyro_gmvae.progress import status
 
 UMAP_DIM = 10  # N2D's embedding size; enough to keep MNIST's ten manifolds apart
 UMAP_NEIGHBOURS = 15
@@ -21,13 +22,35 @@ def _inverse_softplus(t: torch.Tensor) -> torch.Tensor:
     return t + torch.log(-torch.expm1(-t))  # log(exp(t) - 1), stable for large t
 
 
-def partition_latents(loc: torch.Tensor, num_clusters: int, seed: int, method: str = "kmeans") -> dict:
+def _umap_embedding(points, seed: int):
+    try:
+        import umap
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise UserInputError("--init vae-umap needs umap-learn: pip install umap-learn") from None
+    import warnings
+
+    reducer = umap.UMAP(
+        n_components=UMAP_DIM,
+        n_neighbors=min(UMAP_NEIGHBOURS, len(points) - 1),
+        min_dist=0.0,
+        random_state=seed,
+        n_jobs=1,
+    )
+    with warnings.catch_warnings():  # "n_jobs overridden by random_state" and friends
+        warnings.simplefilter("ignore")
+        return reducer.fit_transform(points)
+
+
+def partition_latents(
+    loc: torch.Tensor, num_clusters: int, seed: int, method: str = "kmeans", progress: bool = False
+) -> dict:
     """Partition latent means ``loc`` (N, Dx) into ``num_clusters`` clusters.
 
     ``method``: ``"kmeans"`` (k-means on ``loc``, 10 restarts) or ``"umap"`` (k-means on a
     :data:`UMAP_DIM`-dimensional UMAP embedding of ``loc``, min_dist 0, seeded, one thread,
     so the same seed gives the same partition).  Returns ``labels`` (N,) int64 and
-    ``inertia``, the k-means objective in the space it ran in.
+    ``inertia``, the k-means objective in the space it ran in.  With ``progress`` each
+    step shows a status line (the UMAP embedding alone takes most of a minute on MNIST).
     """
     from sklearn.cluster import KMeans
 
@@ -37,25 +60,14 @@ def partition_latents(loc: torch.Tensor, num_clusters: int, seed: int, method: s
     if method == "umap":
         if len(loc) <= UMAP_DIM + 1:
             raise UserInputError(f"--init vae-umap needs more than {UMAP_DIM + 1} training examples, got {len(loc)}")
-        try:
-            import umap
-        except ImportError:  # pragma: no cover - a declared dependency
-            raise UserInputError("--init vae-umap needs umap-learn: pip install umap-learn") from None
-        import warnings
-
-        reducer = umap.UMAP(
-            n_components=UMAP_DIM,
-            n_neighbors=min(UMAP_NEIGHBOURS, len(loc) - 1),
-            min_dist=0.0,
-            random_state=seed,
-            n_jobs=1,
-        )
-        with warnings.catch_warnings():  # "n_jobs overridden by random_state" and friends
-            warnings.simplefilter("ignore")
-            points = reducer.fit_transform(points)
+        with status(f"partition: UMAP embedding of {len(loc)} latent means", progress):  # with umap's import
+            points = _umap_embedding(points, seed)
     elif method != "kmeans":
         raise ValueError(f"unknown partition method {method!r}")
-    kmeans = KMeans(num_clusters, n_init=10, random_state=seed).fit(points)
+    space = "embedded" if method == "umap" else "latent"
+    where = f"partition: k-means (K={num_clusters}, 10 restarts) of {len(points)} {space} means"
+    with status(where, progress):
+        kmeans = KMeans(num_clusters, n_init=10, random_state=seed).fit(points)
     return {"labels": torch.as_tensor(kmeans.labels_, dtype=torch.long), "inertia": float(kmeans.inertia_)}
 
 
@@ -68,6 +80,7 @@ def seat_components(
     max_points: int = 20000,
     shrink: float = 0.1,
     method: str = "kmeans",
+    progress: bool = False,
 ):
     """Put the K components of p(x | z, w) on a partition of q(x|y)'s means.
 
@@ -84,6 +97,8 @@ def seat_components(
         close to the seated values for any w.
     method : str
         ``"kmeans"`` or ``"umap"``, see :func:`partition_latents`.
+    progress : bool
+        Show a status line for each step of the partition.
 
     Returns
     -------
@@ -97,7 +112,7 @@ def seat_components(
     q = [guide.encode(y[i : i + 1000]) for i in range(0, len(y), 1000)]
     loc = torch.cat([b["x_loc"] for b in q])
     var = torch.cat([b["x_scale"] for b in q]) ** 2
-    partition = partition_latents(loc, num_clusters, seed, method)
+    partition = partition_latents(loc, num_clusters, seed, method, progress)
     labels = partition["labels"].to(loc.device)
     onehot = torch.nn.functional.one_hot(labels, num_clusters).to(loc.dtype)  # (N, K)
     counts = onehot.sum(0)[:, None]  # (K, 1); k-means leaves no cluster empty

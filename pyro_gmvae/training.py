@@ -31,6 +31,7 @@ from pyro_gmvae.loop import progress_bar, run_epoch
 from pyro_gmvae.objective import elbo_terms, make_elbo
 from pyro_gmvae.runfolder import FINAL_KEYS, INIT_NAME, RESUME_KEYS, RunFolder, final_metrics, set_rng_state
 from pyro_gmvae.runs import Run
+from pyro_gmvae.tensorboard_log import TensorBoardLog
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
     steps = (len(x_train) if split is None else len(split.unlabelled)) // config.batch_size
     show = config.progress and info.is_main
     bar = progress_bar((config.epochs - start_epoch) * steps, f"{config.data} K={config.K}", show)
+    board = TensorBoardLog(folder.path, start_epoch, enabled=config.tensorboard and info.is_main)  # --tensorboard
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         beta = kl_weight(config, epoch)
@@ -240,6 +242,7 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         row["train_loss"] = float(distributed.all_reduce_mean(total, info)) / steps
         if not info.is_main:  # rank 0 evaluates and writes the run folder
             continue
+        bar.set_postfix_str(f"evaluating on {len(data.x_test)} test examples")
         row.update(_test_metrics(model, guide, data))
         if split is not None and data.labels_test is not None:  # cluster c is class c
             row["acc_supervised"] = semisupervised.accuracy(model, guide, data.x_test, data.labels_test)
@@ -248,8 +251,10 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row.get('acc_hungarian', math.nan):.3f}")
         folder.save_checkpoint(_checkpoint(config, data, model, guide, optimizer, history), shuffle)
         folder.append_metrics(row)
+        board.write(row)
         logger.info("epoch %d: %s", epoch, row)
     bar.close()
+    board.close()
     final = final_metrics(history) if info.is_main else {}
     if split is not None and info.is_main:
         final["acc_supervised"] = history[-1].get("acc_supervised")
