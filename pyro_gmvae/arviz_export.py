@@ -16,9 +16,16 @@ observed_data.y     (example, y_dim_0, ...)              the examples themselves
 ==================  ===================================  ==========================================
 
 Coordinates: ``example`` (0..N-1 or the ids given), ``cluster`` (0..K-1), ``x_dim``
-(0..Dx-1), ``w_dim`` (0..Dw-1), ``chain`` (0).  ``az.summary``, ``az.plot_posterior``,
+(0..Dx-1), ``w_dim`` (0..Dw-1), ``chain`` (0).  ``az.summary(idata, kind="stats")``,
 ``az.plot_forest`` and friends work on it; select with e.g.
 ``idata.posterior["cluster_probs"].sel(example=3)``.
+
+The draws are independent, not a Markov chain, so ArviZ's chain diagnostics tell nothing
+here: ``az.summary``'s default ``kind="all"`` adds ESS, MCSE and r_hat (NaN: one chain,
+which ArviZ logs as a failed shape check) and, for a variable that is the same in every
+draw (a cluster probability saturated at exactly 0 or 1, common after training), divides
+0 by 0 with a RuntimeWarning per such entry.  ``kind="stats"`` (mean, sd, HDI) is the
+summary to ask for.
 """
 
 from __future__ import annotations

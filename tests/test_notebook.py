@@ -24,6 +24,7 @@ def test_notebook_executes_and_renders_figures(tmp_path, monkeypatch):
     monkeypatch.setenv("PYRO_GMVAE_NOTEBOOK_SMALL", "1")
     monkeypatch.delenv("PYRO_GMVAE_RUN", raising=False)
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # ArviZ's once-a-day notice would show
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
@@ -32,6 +33,9 @@ def test_notebook_executes_and_renders_figures(tmp_path, monkeypatch):
 
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]
+    # No warning anywhere (tqdm's "IProgress not found" without ipywidgets, ArviZ's notices).
+    stderr = "".join(out.get("text", "") for out in outputs if out.output_type == "stream" and out.name == "stderr")
+    assert "warn" not in stderr.lower(), stderr
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     # Confidence histogram, samples per cluster, latent scatter, confident examples, ArviZ forest.
     assert len(images) >= 5, f"only {len(images)} figures rendered"
