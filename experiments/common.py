@@ -63,7 +63,7 @@ def git_commit(repo: Path | None = None) -> dict:
 
 # Options that say where and how a run was executed, not what was trained: left out when a
 # result's config is compared with today's defaults.
-RUN_KEYS = ("out", "seed", "device", "progress", "data_root", "download", "train_subset", "test_subset")
+RUN_KEYS = ("out", "seed", "device", "progress", "tensorboard", "data_root", "download", "train_subset", "test_subset")
 
 
 def trained_config(config: dict) -> dict:
