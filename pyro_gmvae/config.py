@@ -46,6 +46,7 @@ DATA_PRESETS = {
     }.items()
 }
 INITS = ("random", "vae-kmeans", "vae-umap")
+ELBO_MODES = ("compiled", "eager")
 
 
 def flag(name: str) -> str:
@@ -129,6 +130,12 @@ class Config:
         optional=True,
     )
     mc_samples: int = option(1, "M, Monte Carlo samples of (x, w) per example", check=positive_int)
+    elbo: str = option(
+        "compiled",
+        "compiled: each training step replays a traced graph of TraceEnum_ELBO's loss (same loss and "
+        "gradients, less Python per step); eager: Pyro's own step",
+        choices=ELBO_MODES,
+    )
     kl_warmup: int | None = option(
         None, "epochs over which the KL terms' weight rises linearly to 1 (0: off)", check=non_negative_int
     )

@@ -49,7 +49,7 @@ from torch.distributions import kl_divergence
 
 from pyro_gmvae import posterior
 from pyro_gmvae.errors import NonFiniteLossError
-from pyro_gmvae.loop import is_invalid_values_error, progress_bar, run_epoch
+from pyro_gmvae.loop import adam, is_invalid_values_error, progress_bar, run_epoch
 from pyro_gmvae.objective import make_elbo
 from pyro_gmvae.partition import partition_latents, seat_components
 from pyro_gmvae.progress import status
@@ -90,7 +90,7 @@ def pretrain_vae(
         *model.decoder.parameters(),
         *model.likelihood.parameters(),
     ]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = adam(params, lr)
 
     def vae_loss(y: torch.Tensor) -> torch.Tensor:
         q = encoder(y)
@@ -140,7 +140,7 @@ def fit_to_partition(
     """
     batch_size = min(batch_size, len(x_points))  # --batch-size may exceed the 20,000 partitioned
     loss_fn = make_elbo(num_particles)(model, guide)
-    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=lr)
+    optimizer = adam(loss_fn.parameters(), lr)
     model.train()
     guide.train()
     labels = labels.to(x_points.device)
@@ -191,7 +191,7 @@ def probe_start(
     """
     model, guide = copy.deepcopy(model), copy.deepcopy(guide)
     loss_fn = make_elbo(num_particles)(model, guide)
-    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=lr)
+    optimizer = adam(loss_fn.parameters(), lr)
     model.train()
     guide.train()
     bar = progress_bar(epochs * (len(x_train) // batch_size), "probe of a start", progress)

@@ -3,7 +3,10 @@
 :func:`run_epoch` shuffles with a generator of its own, drops the ragged last batch,
 optionally sets the learning rate for the epoch, adds an optional extra loss term, guards
 every step against non-finite losses and gradients (naming the step) and advances a
-progress bar.  Training (:func:`pyro_gmvae.training.train`), VAE pretraining, the fit to a
+progress bar.  With a fused optimiser (:func:`adam`, the one every trainer here makes) the
+guard never waits for the device: the first bad step is kept in a device tensor, the
+fused kernel skips the update on the device from that step on, and the epoch ends by
+reading the tensor once.  Training (:func:`pyro_gmvae.training.train`), VAE pretraining, the fit to a
 partition and the probes of :mod:`pyro_gmvae.initialization`, and the speed benchmark all
 call it, so they shuffle, step and fail the same way.
 """
@@ -31,6 +34,17 @@ def is_invalid_values_error(err: Exception) -> bool:
 def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     """A tqdm bar over ``total`` steps that draws nothing when ``enabled`` is False."""
     return tqdm(total=total, disable=not enabled, desc=desc, unit="step", mininterval=0.5)
+
+
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam for ``params``: the fused kernel (one pass per step) where the device has it.
+
+    A fused optimiser also lets :func:`run_epoch` skip a non-finite step on the device
+    (``found_inf``) instead of reading a flag back every step.
+    """
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
 def _slice(perm: torch.Tensor, step: int, batch_size: int) -> torch.Tensor:
@@ -90,42 +104,61 @@ def run_epoch(
     Raises
     ------
     NonFiniteLossError
-        A step's loss or gradient is NaN or infinite; raised before ``optimizer.step()``, so
-        no non-finite value reaches the parameters.
+        A step's loss or gradient is NaN or infinite.  No non-finite value reaches the
+        parameters: a fused optimiser (every parameter group ``fused``) skips that step and
+        every later one of the epoch on the device (``found_inf``), and the error is raised
+        once the epoch's steps are done; any other optimiser is checked from the host
+        before each ``optimizer.step()``.  Either way the parameters are left as they were
+        before the first bad step, and the error names that step.
     """
     if lr is not None:
         for group in optimizer.param_groups:
             group["lr"] = lr
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    on_device = all(group.get("fused") for group in optimizer.param_groups)
     perm = torch.randperm(len(x), generator=generator).to(x.device)
     total = torch.zeros((2,) if extra_loss else (), device=x.device)
     bad_step = torch.full((), -1, device=x.device, dtype=torch.long)
-    for step in range(len(x) // batch_size):
-        idx = batch_indices(perm, step, batch_size)
-        y = x[idx]
-        try:
-            loss = loss_fn(y)
-            term = None if extra_loss is None else extra_loss(y, idx)
-        except ValueError as err:
-            if not is_invalid_values_error(err):
-                raise
-            loss = term = torch.full((), math.nan, device=x.device)
-        optimizer.zero_grad(set_to_none=True)
-        objective = loss if term is None else loss + extra_weight * term
-        if objective.requires_grad:
-            objective.backward()
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        finite = torch.isfinite(objective) & torch.isfinite(grad_norm)
-        bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
-        # One host sync per step; TraceEnum_ELBO's own NaN warning syncs anyway.
-        if int(bad_step) >= 0:
+    steps = len(x) // batch_size
+    try:
+        for step in range(steps):
+            idx = batch_indices(perm, step, batch_size)
+            y = x[idx]
+            try:
+                loss = loss_fn(y)
+                term = None if extra_loss is None else extra_loss(y, idx)
+            except ValueError as err:
+                if not is_invalid_values_error(err):
+                    raise
+                loss = torch.full((), math.nan, device=x.device)
+                term = None if extra_loss is None else loss
+            optimizer.zero_grad(set_to_none=True)
+            objective = loss if term is None else loss + extra_weight * term
+            if objective.requires_grad:
+                objective.backward()
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            finite = torch.isfinite(objective) & torch.isfinite(grad_norm)
+            bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
+            if on_device:  # the fused kernel skips the update while found_inf is 1: no host sync
+                optimizer.found_inf = (bad_step >= 0).to(torch.float32)
+            elif int(bad_step) >= 0:
+                _raise_non_finite(step, x[idx], bar, epoch, explain)
+            optimizer.step()
+            total += loss.detach() if term is None else torch.stack([loss.detach(), term.detach()])
             if bar is not None:
-                bar.close()
-            where = f"epoch {epoch}, step {step + 1}" if epoch is not None else f"step {step + 1}"
-            reason = f": {explain(y)}" if explain is not None else ""
-            raise NonFiniteLossError(f"non-finite loss or gradient at {where}{reason}")
-        optimizer.step()
-        total += loss.detach() if term is None else torch.stack([loss.detach(), term.detach()])
-        if bar is not None:
-            bar.update(1)
+                bar.update(1)
+    finally:
+        if on_device:
+            optimizer.__dict__.pop("found_inf", None)
+    if on_device and steps and int(bad_step) >= 0:  # the epoch's one read of the flag
+        first = int(bad_step)
+        _raise_non_finite(first, x[batch_indices(perm, first, batch_size)], bar, epoch, explain)
     return total
+
+
+def _raise_non_finite(step: int, y: torch.Tensor, bar, epoch, explain) -> None:
+    if bar is not None:
+        bar.close()
+    where = f"epoch {epoch}, step {step + 1}" if epoch is not None else f"step {step + 1}"
+    reason = f": {explain(y)}" if explain is not None else ""
+    raise NonFiniteLossError(f"non-finite loss or gradient at {where}{reason}")

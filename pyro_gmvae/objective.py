@@ -16,16 +16,20 @@ passes gradient while its minibatch mean exceeds lambda.
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import TraceEnum_ELBO
+from pyro.infer.elbo import ELBOModule
 from pyro.ops.indexing import Vindex
+from pyro.poutine.runtime import _PYRO_STACK
 from torch.distributions import constraints
 
-from pyro_gmvae.config import non_negative_number
+from pyro_gmvae.config import ELBO_MODES, non_negative_number
 
 TERM_NAMES = ("recon", "cond_prior", "w_prior", "z_prior", "cv", "elbo", "loss")
 
@@ -142,14 +146,132 @@ def use_module_local_params() -> None:
     pyro.settings.set(module_local_params=True)
 
 
-def make_elbo(num_particles: int = 1) -> TraceEnum_ELBO:
+class _LossStep(torch.nn.Module):
+    """What one trace records: the eager loss module's forward at a tensor ``kl_weight``.
+
+    A module (not a function), so :func:`torch.jit.trace_module` reads the parameters and
+    buffers of model and guide as module attributes: the replayed graph uses and updates
+    the very tensors the optimiser steps (BatchNorm's running statistics included).
+    """
+
+    def __init__(self, loss_module: ELBOModule):
+        super().__init__()
+        self.loss_module = loss_module
+
+    def forward(self, y: torch.Tensor, kl_weight: torch.Tensor) -> torch.Tensor:
+        return ELBOModule.forward(self.loss_module, y, kl_weight=kl_weight)
+
+
+class CompiledELBOModule(ELBOModule):
+    """``TraceEnum_ELBO(...)(model, guide)`` whose training step replays a recorded graph.
+
+    The loss is TraceEnum_ELBO's own: the second time a batch of a given shape is seen,
+    ``differentiable_loss`` runs once under :func:`torch.jit.trace_module` (Pyro's
+    tracing, the enumeration bookkeeping and the einsum contraction plan run then), and
+    every later step with that key replays the recorded tensor operations.  Parameters and
+    buffers enter as module attributes (shared, not copied), ``kl_weight`` as a tensor input,
+    and Pyro draws its reparameterised noise with ``torch.normal`` while tracing, so the
+    replay draws fresh noise from the global generator in the order the eager step does.
+    The replay runs with TorchScript's optimiser off (no autodiff subgraphs, no
+    specialisation after profiling runs): the recorded aten ops run as recorded and
+    autograd differentiates them with its own formulas, so with the same seed loss,
+    gradients and BatchNorm statistics equal the eager step's bit for bit, in float32 too,
+    however many times the graph has run (a resumed run is identical to one in one go).
+    The trace's own run is undone (random state and buffers restored), so tracing changes
+    no result.
+
+    One graph per key ``(y's shape, dtype and device, kl_weight < 1, every submodule's
+    train/eval mode, the autocast dtype)``; the two most recent are kept.  Anything else runs eagerly: no
+    gradient (evaluation), a Pyro handler around the call, arguments other than
+    ``(y, kl_weight=float)``, or a trace already in progress.  Validation of distribution
+    arguments does not run inside the replay; a non-finite loss or gradient is caught by
+    :func:`pyro_gmvae.loop.run_epoch`.
+    """
+
+    max_graphs = 2
+
+    def __init__(self, model: torch.nn.Module, guide: torch.nn.Module, elbo: TraceEnum_ELBO):
+        super().__init__(model, guide, elbo)
+        self._graphs: OrderedDict = OrderedDict()  # key -> traced _LossStep (not a submodule)
+        self._seen: set = set()
+
+    def _key(self, y: torch.Tensor, kl_weight: float) -> tuple:
+        modes = tuple(m.training for m in self.modules())
+        kind = y.device.type
+        autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        return (tuple(y.shape), y.dtype, y.device, kl_weight < 1, modes, autocast)
+
+    def _eligible(self, args, kwargs) -> bool:
+        return (
+            len(args) == 1
+            and isinstance(args[0], torch.Tensor)
+            and set(kwargs) <= {"kl_weight"}
+            and isinstance(kwargs.get("kl_weight", 1.0), (int, float))
+            and torch.is_grad_enabled()
+            and not torch.is_inference_mode_enabled()
+            and not _PYRO_STACK
+            and not torch.jit.is_tracing()
+        )
+
+    def forward(self, *args, **kwargs):
+        if not self._eligible(args, kwargs):
+            return super().forward(*args, **kwargs)
+        y, kl_weight = args[0], float(kwargs.get("kl_weight", 1.0))
+        key = self._key(y, kl_weight)
+        graph = self._graphs.get(key)
+        if graph is None:
+            if key not in self._seen:  # first sight: eager (one-off calls never pay for a trace)
+                self._seen.add(key)
+                return super().forward(y, kl_weight=kl_weight)
+            graph = self._trace(y, kl_weight)
+            self._graphs[key] = graph
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        # The JIT's optimiser off: the recorded ops run as recorded, with autograd's own derivatives,
+        # so loss and gradients equal the eager step's bit for bit however often the graph has run.
+        with torch.jit.optimized_execution(False):
+            return graph(y, torch.tensor(kl_weight, dtype=torch.float64, device=y.device))
+
+    def _trace(self, y: torch.Tensor, kl_weight: float):
+        cuda = y.device.type == "cuda"
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(y.device) if cuda else None
+        buffers = [(b, b.detach().clone()) for b in self.buffers()]
+        beta = torch.tensor(kl_weight, dtype=torch.float64, device=y.device)
+        try:
+            with warnings.catch_warnings(), pyro.validation_enabled(False):
+                warnings.simplefilter("ignore")  # TracerWarnings: Pyro's Python-side checks are constants now
+                return torch.jit.trace_module(_LossStep(self), {"forward": (y, beta)}, check_trace=False)
+        finally:  # the trace's run leaves no trace: same noise and statistics as eager from here
+            torch.set_rng_state(rng[0])
+            if cuda:
+                torch.cuda.set_rng_state(rng[1], y.device)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+
+
+class CompiledTraceEnum_ELBO(TraceEnum_ELBO):
+    """TraceEnum_ELBO whose loss module ``elbo(model, guide)`` is a :class:`CompiledELBOModule`."""
+
+    def __call__(self, model: torch.nn.Module, guide: torch.nn.Module) -> CompiledELBOModule:
+        return CompiledELBOModule(model, guide, self)
+
+
+def make_elbo(num_particles: int = 1, mode: str = "compiled") -> TraceEnum_ELBO:
     """TraceEnum_ELBO configured for the GMVAE: one data plate, vectorised particles.
 
     Its loss module ``make_elbo(M)(model, guide)`` owns the parameters of both (see
-    :func:`use_module_local_params`, which this calls).
+    :func:`use_module_local_params`, which this calls).  ``mode`` "compiled" (default)
+    makes it a :class:`CompiledELBOModule`, which replays a traced graph of the same loss
+    for repeated training steps; "eager" is Pyro's plain ``ELBOModule``.
     """
+    if mode not in ELBO_MODES:
+        raise ValueError(f"unknown ELBO mode {mode!r}; choose one of {', '.join(ELBO_MODES)}")
     use_module_local_params()
-    return TraceEnum_ELBO(
+    cls = CompiledTraceEnum_ELBO if mode == "compiled" else TraceEnum_ELBO
+    return cls(
         num_particles=num_particles,
         vectorize_particles=num_particles > 1,
         max_plate_nesting=1,

@@ -27,7 +27,7 @@ from pyro_gmvae.data import Dataset, prepare_data
 from pyro_gmvae.distributed import resolve_device
 from pyro_gmvae.errors import UserInputError
 from pyro_gmvae.initialization import initialize
-from pyro_gmvae.loop import progress_bar, run_epoch
+from pyro_gmvae.loop import adam, progress_bar, run_epoch
 from pyro_gmvae.objective import elbo_terms, make_elbo
 from pyro_gmvae.runfolder import FINAL_KEYS, INIT_NAME, RESUME_KEYS, RunFolder, final_metrics, set_rng_state
 from pyro_gmvae.runs import Run
@@ -193,11 +193,11 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
     x_train = data.x.to(device)
     split = semisupervised.LabelledSplit(config, data, device) if config.labels else None
     init_record = _start(model, guide, data, x_train, config, shuffle, info, device) if state is None else None
-    loss_fn = make_elbo(config.mc_samples)(model, guide)
+    loss_fn = make_elbo(config.mc_samples, config.elbo)(model, guide)
     if split is not None:  # --labels: the unlabelled ELBO plus the labelled one, in one module DDP can wrap
         loss_fn = semisupervised.SemiSupervisedLoss(loss_fn, model, guide, config.mc_samples, config.label_weight)
     step_loss = distributed.wrap(loss_fn, info, device)  # DDP over the ELBO module, or loss_fn
-    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=config.lr)
+    optimizer = adam(loss_fn.parameters(), config.lr)
     history, start_epoch = _restore(state, model, guide, optimizer, shuffle)
     if info.enabled:  # same init on every rank; Monte Carlo noise of its own per rank
         pyro.set_rng_seed(distributed.rank_seed(config.seed, info.rank, start_epoch))

@@ -1,7 +1,8 @@
 """experiments/bench_speed.py on a tiny size: the plain-PyTorch reference is the project's objective.
 
-The benchmark's ratio only means something if both sides compute the same loss and
-gradients; ``Sides.check`` verifies that (in float64) before any timing.  No timing is asserted.
+The benchmark's ratios only mean something if the compiled, eager and reference sides
+compute the same loss and gradients; ``Sides.check`` verifies that (in float64) before any
+timing.  No timing is asserted.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def tiny(network="fc", mc_samples=1, K=3):
 )
 def test_reference_gives_the_project_loss_and_gradients(bench, case):
     check = bench.Sides(case, torch.device("cpu")).check()
-    assert check["loss_rel_diff"] < 1e-10  # float64: equal up to summation order
-    assert check["grad_rel_diff"] < 1e-8
+    for side in ("eager", "compiled"):
+        assert check[side]["loss_rel_diff"] < 1e-10  # float64: equal up to summation order
+        assert check[side]["grad_rel_diff"] < 1e-8
     assert check["batch"] == case["batch_size"]
 
 
@@ -57,14 +59,31 @@ def test_check_catches_a_reference_that_differs(bench, monkeypatch):
 def test_interleaved_timing_and_memory_report_every_side(bench):
     case = tiny()
     sides = bench.Sides(case, torch.device("cpu"))
-    steps = {"project": sides.project, "reference": sides.reference}
+    steps = sides.steps()
+    assert list(steps) == ["compiled", "eager", "reference_loop", "reference"]
     row = bench.time_interleaved(steps, torch.device("cpu"), case["batch_size"], 1, 3, 3, 0.0)
     assert row["steps_per_side"] == 3
     for name in steps:
         assert row[name]["median_step_s"] > 0
         assert row[name]["examples_per_s"] == pytest.approx(8 / row[name]["median_step_s"])
-    assert row["ratio"] == pytest.approx(row["project"]["median_step_s"] / row["reference"]["median_step_s"])
+    ref = row["reference"]["median_step_s"]
+    for name in ("compiled", "eager", "reference_loop"):
+        assert row[name]["ratio"] == pytest.approx(row[name]["median_step_s"] / ref)
+        assert row[name]["added_ms"] == pytest.approx((row[name]["median_step_s"] - ref) * 1e3)
+    assert sides.loss_modules["compiled"]._graphs  # warm-up plus 3 steps: the compiled side replays
     if Path("/proc/self/clear_refs").exists():
         assert bench.step_peak_memory(sides.project, torch.device("cpu")) >= 0
     for p in sides.loss_fn.parameters():  # the timed steps trained the shared modules
         assert torch.isfinite(p).all()
+
+
+def test_acceptance_reads_the_overhead_at_batch_8_and_the_ratio_at_256(bench):
+    def row(batch, added, ratio):
+        side = {"added_ms": added, "ratio": ratio, "median_step_s": 0.01 + added / 1e3}
+        loop = {"added_ms": 0.2, "ratio": 1.01, "median_step_s": 0.0102}
+        sides = {"compiled": side, "eager": side, "reference_loop": loop}
+        return {"case": {"batch_size": batch}, "autocast": None, "steps_per_side": 5, **sides}
+
+    rows = bench.acceptance([row(8, 0.5, 1.3), row(64, 9.0, 1.2), row(256, 3.0, 1.06)])
+    assert [(r["batch"], r["compiled"], r["pass"]) for r in rows] == [(8, 0.5, True), (256, 1.06, False)]
+    assert rows[0]["compiled_against_reference_loop"] == pytest.approx(0.3)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from pyro_gmvae.errors import NonFiniteLossError
-from pyro_gmvae.loop import is_invalid_values_error, run_epoch
+from pyro_gmvae.loop import adam, is_invalid_values_error, run_epoch
 
 
-def _linear():
+def _linear(fused: bool = False):
     torch.manual_seed(0)
     layer = torch.nn.Linear(3, 1)
-    return layer, torch.optim.SGD(layer.parameters(), lr=0.1)
+    return layer, torch.optim.SGD(layer.parameters(), lr=0.1, fused=fused or None)
 
 
 def test_an_epoch_drops_the_ragged_batch_sets_the_lr_and_sums_the_losses():
@@ -52,14 +52,55 @@ def test_an_extra_term_is_weighted_in_and_reported_apart():
     assert total.shape == (2,) and total[1] == pytest.approx(7.0)  # the indices 0..7 in two halves: 2 x 3.5
 
 
-def test_a_non_finite_step_is_named_and_never_reaches_the_weights():
-    layer, optimizer = _linear()
+@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "on-device"])
+def test_a_non_finite_step_is_named_and_never_reaches_the_weights(fused):
+    layer, optimizer = _linear(fused)
     before = [p.detach().clone() for p in layer.parameters()]
     x = torch.randn(6, 3)
     x[:] = float("nan")
     with pytest.raises(NonFiniteLossError, match=r"epoch 4, step 1: bad input"):
         run_epoch(lambda y: layer(y).mean(), optimizer, x, 2, torch.Generator(), epoch=4, explain=lambda y: "bad input")
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters(), strict=True))
+    assert not hasattr(optimizer, "found_inf")  # the optimiser is left as it was
+
+
+def test_on_device_the_first_bad_step_is_named_its_batch_explained_and_later_steps_skipped(monkeypatch):
+    """A fused optimiser: no host read per step; steps before the bad one update, none after it."""
+    layer, optimizer = _linear(fused=True)
+    x = torch.randn(8, 3)
+    x[5] = float("nan")  # unshuffled below: batch 3 of 4 (steps are named from 1)
+    seen, reads = [], []
+    real_int = torch.Tensor.__int__
+
+    def counting_int(tensor):
+        reads.append(tensor)
+        return real_int(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "__int__", counting_int)
+    states = []
+
+    def loss_fn(y):
+        states.append([p.detach().clone() for p in layer.parameters()])
+        return layer(y).mean()
+
+    def explain(y):
+        seen.append(y)
+        return "batch holds NaN"
+
+    with pytest.raises(NonFiniteLossError, match=r"step 3: batch holds NaN"):
+        run_epoch(loss_fn, optimizer, x, 2, torch.Generator(), explain=explain,
+                  batch_indices=lambda perm, step, size: torch.arange(step * size, (step + 1) * size))  # fmt: skip
+    monkeypatch.undo()
+    assert len(states) == 4 and 1 <= len(reads) <= 2  # every step ran; the flag was read at the end only
+    assert not torch.equal(states[0][0], states[2][0])  # steps 1 and 2 updated the weights
+    assert all(torch.equal(a, b) for a, b in zip(states[2], layer.parameters(), strict=True))  # 3 and 4 did not
+    assert torch.isnan(seen[0][1]).all() and torch.equal(seen[0][0], x[4])
+
+
+def test_adam_is_fused_where_the_device_has_it():
+    layer = torch.nn.Linear(3, 1)
+    optimizer = adam(layer.parameters(), lr=1e-3)
+    assert all(group["fused"] for group in optimizer.param_groups)
 
 
 def test_pyros_invalid_values_error_is_a_non_finite_step():

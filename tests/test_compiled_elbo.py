@@ -1,0 +1,130 @@
+"""The compiled training step (objective.CompiledELBOModule) against Pyro's eager TraceEnum_ELBO step.
+
+The compiled module replays a torch.jit trace of TraceEnum_ELBO's own loss.  These tests
+hold it to the eager loss module: the same loss, gradients and BatchNorm running statistics
+on the same random draws, bit for bit, step after step (the first call is eager, the
+second traces, later ones replay), for both guides with every regulariser on and M > 1
+vectorised particles, in float64 and in float32.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+from pyro.infer.elbo import ELBOModule
+
+from pyro_gmvae.build import build_model_and_guide
+from pyro_gmvae.config import Config
+from pyro_gmvae.loop import adam, run_epoch
+from pyro_gmvae.objective import CompiledELBOModule, make_elbo
+
+DATA_SHAPE = (1, 6, 6)
+
+
+@pytest.fixture(autouse=True)
+def _module_local_params():
+    with pyro.settings.context(module_local_params=True):
+        yield
+
+
+def _build(guide: str, free_bits: float, network: str = "fc", dtype=torch.float64):
+    config = Config(
+        data="mnist", network=network, guide=guide, K=4, x_dim=3, w_dim=2, hidden_dim=12,
+        z_prior_weight=1.5, cv_weight=0.7, free_bits=free_bits,
+    ).resolved()  # fmt: skip
+    pyro.set_rng_seed(0)
+    model, guide_ = build_model_and_guide(config, DATA_SHAPE)
+    model.to(dtype).train()
+    guide_.to(dtype).train()
+    y = torch.rand((10,) + DATA_SHAPE, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    return model, guide_, y
+
+
+def _state(loss_module):
+    return [b.detach().clone() for b in loss_module.buffers()]
+
+
+def _set_state(loss_module, state):
+    with torch.no_grad():
+        for buffer, saved in zip(loss_module.buffers(), state, strict=True):
+            buffer.copy_(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kl_weight", [1.0, 0.4], ids=["beta1", "warmup"])
+@pytest.mark.parametrize("free_bits", [0.01, 50.0], ids=["gate-open", "gate-shut"])
+@pytest.mark.parametrize("guide", ["v2", "v1"])
+def test_compiled_step_gives_the_eager_loss_gradients_and_batchnorm_statistics(guide, free_bits, kl_weight, dtype):
+    """eta 1.5, alpha 0.7, free bits, M = 3, BatchNorm in train mode: equal step by step, bit for bit."""
+    model, guide_, y = _build(guide, free_bits, dtype=dtype)
+    compiled = make_elbo(3)(model, guide_)
+    eager = make_elbo(3, "eager")(model, guide_)
+    assert isinstance(compiled, CompiledELBOModule) and type(eager) is ELBOModule
+    params = list(eager.parameters())
+    assert [id(p) for p in params] == [id(p) for p in compiled.parameters()]
+    start = _state(eager)
+    assert start, "the fc networks hold BatchNorm buffers"
+    for call in range(4):  # eager, trace, replay, replay
+        before = _state(eager)
+        pyro.set_rng_seed(100 + call)
+        loss_c = compiled(y, kl_weight=kl_weight)
+        grads_c = torch.autograd.grad(loss_c, params, allow_unused=True)
+        after_c = _state(eager)
+        _set_state(eager, before)
+        pyro.set_rng_seed(100 + call)
+        loss_e = eager(y, kl_weight=kl_weight)
+        grads_e = torch.autograd.grad(loss_e, params, allow_unused=True)
+        after_e = _state(eager)
+        assert loss_c.dtype == dtype and torch.equal(loss_c, loss_e), call
+        for gc, ge in zip(grads_c, grads_e, strict=True):
+            assert (gc is None) == (ge is None)
+            assert ge is None or torch.equal(gc, ge), call
+        assert all(torch.equal(bc, be) for bc, be in zip(after_c, after_e, strict=True)), call
+    assert len(compiled._graphs) == 1  # traced once, replayed after
+    assert any(not torch.equal(a, b) for a, b in zip(start, _state(eager), strict=True))  # the statistics moved
+
+
+def test_training_compiled_and_eager_follow_the_same_path():
+    """run_epoch with fused Adam over several steps in float32: the trace's own run changes nothing."""
+    results = []
+    for mode in ("compiled", "eager"):
+        model, guide, y = _build("v2", 0.01, dtype=torch.float32)
+        loss_fn = make_elbo(2, mode)(model, guide)
+        optimizer = adam(loss_fn.parameters(), 1e-2)
+        pyro.set_rng_seed(5)
+        total = run_epoch(lambda b, f=loss_fn: f(b, kl_weight=0.5) / len(b), optimizer, y.repeat(3, 1, 1, 1), 6,
+                          torch.Generator().manual_seed(0))  # fmt: skip
+        results.append((total, [p.detach().clone() for p in loss_fn.parameters()], _state(loss_fn)))
+    (total_c, params_c, bufs_c), (total_e, params_e, bufs_e) = results
+    assert torch.equal(total_c, total_e)
+    assert all(torch.equal(a, b) for a, b in zip(params_c + bufs_c, params_e + bufs_e, strict=True))
+
+
+def test_one_graph_per_shape_and_mode_and_eager_where_a_replay_would_be_wrong():
+    model, guide, y = _build("v1", 0.0, dtype=torch.float32)
+    loss_fn = make_elbo()(model, guide)
+    assert isinstance(loss_fn, CompiledELBOModule)
+    for _ in range(2):
+        loss_fn(y)
+    assert len(loss_fn._graphs) == 1
+    for _ in range(2):
+        loss_fn(y[:8])  # another batch size: its own graph
+    assert len(loss_fn._graphs) == 2
+    model.eval(), guide.eval()
+    for _ in range(2):
+        loss_fn(y)  # eval mode: BatchNorm's running statistics, a graph of its own
+    assert len(loss_fn._graphs) == 2  # the oldest was dropped
+    pyro.set_rng_seed(3)
+    plain = loss_fn(y)
+    pyro.set_rng_seed(3)
+    with pyro.poutine.scale(scale=2.0):  # a handler around the call: Pyro's eager step applies it
+        scaled = loss_fn(y)
+    torch.testing.assert_close(scaled, 2 * plain)
+    assert len(loss_fn._graphs) == 2
+
+
+def test_the_elbo_option_picks_the_step():
+    assert Config().elbo == "compiled"
+    with pytest.raises(ValueError, match="unknown ELBO mode"):
+        make_elbo(1, "jit")
