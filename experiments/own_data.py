@@ -29,9 +29,12 @@ import sys
 # One thread unless --threads says otherwise, fixed before numpy, torch and numba load:
 # UMAP's numba start-up otherwise widens torch's OpenMP pool to every core in the middle
 # of a run (torch.get_num_threads() went from 1 to 2 after the first partition).
-_THREADS = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv else "1"
-for _name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_name, _THREADS)
+# Only when run as a script: imported (by the tests), it must not change the importer's
+# numba, which refuses a second thread count once it has started.
+if __name__ == "__main__":
+    _THREADS = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv else "1"
+    for _name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_name, _THREADS)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
