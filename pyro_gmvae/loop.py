@@ -136,8 +136,7 @@ def run_epoch(
             objective = loss if term is None else loss + extra_weight * term
             if objective.requires_grad:
                 objective.backward()
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            finite = torch.isfinite(objective) & torch.isfinite(grad_norm)
+            finite = torch.isfinite(objective) & _grads_finite([p.grad for p in params if p.grad is not None])
             bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
             if on_device:  # the fused kernel skips the update while found_inf is 1: no host sync
                 optimizer.found_inf = (bad_step >= 0).to(torch.float32)
@@ -154,6 +153,15 @@ def run_epoch(
         first = int(bad_step)
         _raise_non_finite(first, x[batch_indices(perm, first, batch_size)], bar, epoch, explain)
     return total
+
+
+def _grads_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """A device bool: every gradient entry is finite (one read of each; a NaN or inf makes its tensor's norm so)."""
+    if not grads:
+        return torch.ones((), dtype=torch.bool)
+    if len({(g.device, g.dtype) for g in grads}) == 1:  # one fused pass, no grouping
+        return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+    return torch.isfinite(torch.nn.utils.get_total_norm(grads))
 
 
 def _raise_non_finite(step: int, y: torch.Tensor, bar, epoch, explain) -> None:

@@ -194,9 +194,12 @@ class CompiledELBOModule(ELBOModule):
         super().__init__(model, guide, elbo)
         self._graphs: OrderedDict = OrderedDict()  # key -> traced _LossStep (not a submodule)
         self._seen: set = set()
+        self._submodules: tuple | None = None  # self.modules(), listed at the first call
 
     def _key(self, y: torch.Tensor, kl_weight: float) -> tuple:
-        modes = tuple(m.training for m in self.modules())
+        if self._submodules is None:  # walking the module tree costs more than the rest of the key
+            self._submodules = tuple(self.modules())
+        modes = tuple(m.training for m in self._submodules)
         kind = y.device.type
         autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         return (tuple(y.shape), y.dtype, y.device, kl_weight < 1, modes, autocast)
