@@ -21,6 +21,7 @@ import pyro
 import torch
 
 from pyro_gmvae import binarize, distributed, faults, posterior, semisupervised
+from pyro_gmvae.autoconfig import kmeans_baseline
 from pyro_gmvae.build import build_model_and_guide
 from pyro_gmvae.config import Config
 from pyro_gmvae.data import Dataset, prepare_data
@@ -144,6 +145,17 @@ def _test_metrics(model, guide, data) -> dict:
     return {f"test_{k}" if k in ("elbo", "loss") else k: v for k, v in test.items()}
 
 
+def _summary(history: list[dict], data: Dataset, config: Config, labelled: bool) -> dict:
+    """metrics.json: the last epoch's metrics, plain accuracy with ``--labels``, and with test
+    labels the k-means baseline (same raw features, same K, same test split)."""
+    final = final_metrics(history)
+    if labelled:
+        final["acc_supervised"] = history[-1].get("acc_supervised")
+    if data.labels_test is not None:
+        final["kmeans_hungarian"] = kmeans_baseline(data, config.K, config.seed)
+    return final
+
+
 def train(
     config: Config,
     resume: bool = False,
@@ -255,9 +267,7 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         logger.info("epoch %d: %s", epoch, row)
     bar.close()
     board.close()
-    final = final_metrics(history) if info.is_main else {}
-    if split is not None and info.is_main:
-        final["acc_supervised"] = history[-1].get("acc_supervised")
+    final = _summary(history, data, config, split is not None) if info.is_main else {}
     if info.is_main:
         folder.write_summary(final)
         if make_figures:

@@ -116,3 +116,16 @@ def test_mnist_subset_when_available():
     assert arrays["x"].shape == (10000, 784) and arrays["x_test"].shape == (2000, 784)
     assert 0.0 <= arrays["x"].min() and arrays["x"].max() <= 1.0
     assert npz_defaults(arrays["x"], 10)["likelihood"] == "bernoulli"
+
+
+def test_every_labelled_run_reports_the_kmeans_baseline(tmp_path):
+    from pyro_gmvae import train
+    from pyro_gmvae.autoconfig import kmeans_baseline
+    from pyro_gmvae.data import prepare_data
+
+    config = Config(epochs=1, out=str(tmp_path / "run"), progress=False, train_subset=400, test_subset=200)
+    run = train(config, make_figures=False)
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    data = prepare_data(run.config)
+    assert final["kmeans_hungarian"] == kmeans_baseline(data, run.config.K, run.config.seed)
+    assert 0.2 < final["kmeans_hungarian"] <= 1.0
