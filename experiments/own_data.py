@@ -38,14 +38,13 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import git_commit, machine  # noqa: E402
 
 from pyro_gmvae import cluster_probs, train  # noqa: E402
 from pyro_gmvae.autoconfig import kmeans_hungarian, npz_defaults, standardize  # noqa: E402
@@ -122,29 +121,6 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def machine() -> dict:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-
-
-def git_commit() -> str:
-    """HEAD of the checkout this script runs from ($GIT_COMMIT for a copy outside git)."""
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        if done.returncode == 0:
-            return done.stdout.strip()
-    except OSError:
-        pass
-    return os.environ.get("GIT_COMMIT", "unknown")
-
-
 def _rel(value):
     """A path inside the repository as a relative one (the JSON is committed)."""
     if isinstance(value, str) and value.startswith(str(HERE.parent) + os.sep):
@@ -203,7 +179,7 @@ def run_set(name: str, path: Path, args, overrides: dict) -> dict:
         seeds=list(args.seeds),
         seconds_per_run=seconds,
         torch_threads_after_run=threads,
-        git_commit=git_commit(),
+        git_commit=git_commit()["sha"],
         machine=machine(),
     )
     return entry
