@@ -37,13 +37,17 @@ def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
-    """Adam for ``params``: the fused kernel (one pass per step) where the device has it.
+    """Adam for ``params``: the fused kernel (one pass per step) on a GPU, torch's default
+    kernel on the CPU.
 
-    A fused optimiser also lets :func:`run_epoch` skip a non-finite step on the device
-    (``found_inf``) instead of reading a flag back every step.
+    On a GPU the fused kernel saves launches and lets :func:`run_epoch` skip a non-finite
+    step on the device (``found_inf``) instead of reading a flag back every step.  On the
+    CPU a host read costs nothing, and the default kernel keeps every CPU result committed
+    under ``experiments/results`` (and the behaviour pins) reproducible bit for bit: the
+    fused kernel rounds differently in float32.
     """
     params = list(params)
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    fused = bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 

@@ -165,7 +165,7 @@ class _LossStep(torch.nn.Module):
 class CompiledELBOModule(ELBOModule):
     """``TraceEnum_ELBO(...)(model, guide)`` whose training step replays a recorded graph.
 
-    The loss is TraceEnum_ELBO's own: the second time a batch of a given shape is seen,
+    The loss is TraceEnum_ELBO's own: the first time a batch of a given shape is seen,
     ``differentiable_loss`` runs once under :func:`torch.jit.trace_module` (Pyro's
     tracing, the enumeration bookkeeping and the einsum contraction plan run then), and
     every later step with that key replays the recorded tensor operations.  Parameters and
@@ -193,7 +193,6 @@ class CompiledELBOModule(ELBOModule):
     def __init__(self, model: torch.nn.Module, guide: torch.nn.Module, elbo: TraceEnum_ELBO):
         super().__init__(model, guide, elbo)
         self._graphs: OrderedDict = OrderedDict()  # key -> traced _LossStep (not a submodule)
-        self._seen: set = set()
         self._submodules: tuple | None = None  # self.modules(), listed at the first call
 
     def _key(self, y: torch.Tensor, kl_weight: float) -> tuple:
@@ -223,9 +222,9 @@ class CompiledELBOModule(ELBOModule):
         key = self._key(y, kl_weight)
         graph = self._graphs.get(key)
         if graph is None:
-            if key not in self._seen:  # first sight: eager (one-off calls never pay for a trace)
-                self._seen.add(key)
-                return super().forward(y, kl_weight=kl_weight)
+            # Traced at first sight, so every training step of a run, resumed or not, is a
+            # replay: an eager first step can round the reported loss differently in the
+            # last bit, and a resumed run would then log another train_loss.
             graph = self._trace(y, kl_weight)
             self._graphs[key] = graph
             while len(self._graphs) > self.max_graphs:
