@@ -5,7 +5,7 @@
     python experiments/bench_speed.py --device cuda --out experiments/results/speed_cuda.json
 
 Three sides share one model and guide (so the weights are identical), each with its own
-fused Adam (:func:`pyro_gmvae.loop.adam`, the optimiser training uses):
+Adam as training makes it (:func:`pyro_gmvae.loop.adam`: torch's default kernel on CPU, fused on GPU):
 
 - **compiled**: the default training step, :func:`pyro_gmvae.loop.run_epoch` over one batch
   with the loss module ``make_elbo(M)(model, guide)`` (a
@@ -126,7 +126,7 @@ def reference_loss(model, guide, y: torch.Tensor, num_particles: int) -> torch.T
 
 # --- the three steps --------------------------------------------------------------------
 class Sides:
-    """The three training steps of one case on shared modules, each with its own fused Adam."""
+    """The three training steps of one case on shared modules, each with its own Adam (loop.adam)."""
 
     def __init__(self, case: dict, device: torch.device, autocast: torch.dtype | None = None):
         self.case, self.device, self.autocast = case, device, autocast
@@ -448,7 +448,8 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "pyro": pyro.__version__,
         "git": git_state(),
         "command": "python experiments/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": {**BASE, "batches": args.batches, "optimizer": "Adam, fused", "validation": False,
+        "config": {**BASE, "batches": args.batches, "validation": False,
+                   "optimizer": "Adam (loop.adam: default kernel on CPU, fused on GPU)",
                    "data": "uniform grey levels, MNIST shape", "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
         "timing": "median step times of interleaved steps (the sides in turn, repeated) after warm-up",
         "sides": list(SIDES), "rows": [], "acceptance": [],
