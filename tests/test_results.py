@@ -1,0 +1,92 @@
+"""Committed results match the code: each records its commit and resolved config, and the
+cells the README quotes were made at a config equal to today's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from common import trained_config
+
+from pyro_gmvae.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results"
+README = (REPO / "README.md").read_text()
+
+# The MNIST cells of the README's headline table and the defaults they stand for.
+MNIST_QUOTED = {
+    "K10-M1-v2-fcH500-lr0.0001-b256-cv2-eta1-fb0-vae-umap10f3w10-e20": {},
+    "K16-M1-v2-fcH500-lr0.0001-b256-cv2-eta1-fb0-vae-umap10f3w10-e20": {"K": 16},
+}
+
+
+def _json(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _same_training(recorded: dict, today: dict) -> None:
+    """``recorded`` equals ``today``, except for options added since that sit at their
+    default (an option is only added with a default that leaves earlier runs unchanged)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    added = {k for k in today if k not in recorded}
+    assert not set(recorded) - set(today), f"options no longer known: {set(recorded) - set(today)}"
+    assert {k: today[k] for k in added} == {k: defaults[k] for k in added}
+    assert {k: today[k] for k in recorded} == recorded
+
+
+@pytest.mark.parametrize("name", sorted(MNIST_QUOTED))
+def test_readme_mnist_cells_were_made_at_todays_defaults(name):
+    entry = _json("mnist.json")["settings"][name]
+    today = trained_config(Config(data="mnist", **MNIST_QUOTED[name]).resolved().to_dict())
+    _same_training(entry["resolved_config"], today)
+    assert entry["provenance"]["first_committed_in"] or all(r["commit"] for r in entry["per_seed"])
+
+
+def test_readme_spiral_numbers_were_made_at_todays_defaults():
+    spiral = _json("spiral.json")
+    _same_training(spiral["config"], trained_config(Config().resolved().to_dict()))
+    assert spiral["commit"]["sha"]
+
+
+def test_every_result_file_records_its_commit_and_config():
+    for file in sorted(RESULTS.glob("*.json")):
+        result = json.loads(file.read_text())
+        if file.name == "mnist.json":
+            for entry in result["settings"].values():
+                assert entry["resolved_config"] and entry.get("provenance") or entry["per_seed"][0].get("commit")
+            continue
+        text = json.dumps(result)
+        assert '"commit' in text or '"git_commit' in text, f"{file.name} records no commit"
+        assert '"config' in text, f"{file.name} records no config"
+
+
+def test_readme_own_data_table_comes_from_own_data_json():
+    results = _json("own_data.json")
+    table = README[README.index("| data | N | D | K | GMVAE | k-means |") :].split("\n\n")[0].splitlines()[2:]
+    quoted = []
+    for row in table:
+        gmvae, kmeans = (cell.replace("**", "").strip() for cell in row.strip("|").split("|")[4:6])
+        quoted += [("acc_hungarian", v.split(" +- ")[0]) for v in gmvae.split(" / ")]
+        quoted += [("kmeans_hungarian", v) for v in kmeans.split(" / ")]
+    assert len(quoted) == 14
+    committed = {(key, f"{100 * entry[key]:.1f}") for entry in results.values() for key in dict(quoted)}
+    assert set(quoted) <= committed, set(quoted) - committed
+
+
+@pytest.mark.parametrize("name", ["iris", "wine", "breast_cancer", "moons", "blobs", "aniso"])
+def test_own_data_results_were_made_with_todays_npz_defaults(name):
+    import importlib.util
+
+    from pyro_gmvae.autoconfig import npz_defaults
+
+    spec = importlib.util.spec_from_file_location("own_data", REPO / "experiments" / "own_data.py")
+    own_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(own_data)
+    entry = _json("own_data.json")[name]
+    x = own_data.make_set(name)["x"]
+    used = {k: entry["config_seed0"][k] for k in npz_defaults(x, entry["K"])}
+    assert used == npz_defaults(x, entry["K"])
+    assert entry["git_commit"]
