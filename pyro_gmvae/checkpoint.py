@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pyro_gmvae.errors import UserInputError
@@ -114,3 +116,31 @@ def load_checkpoint(path: Path, map_location="cpu", required: tuple[str, ...] = 
     if missing:
         raise UserInputError(f"checkpoint {path} lacks {', '.join(missing)}; it is damaged, retrain the run")
     return state
+
+
+def rng_state(shuffle: torch.Generator) -> dict:
+    """Every random number generator a run draws from, as checkpoint-safe values."""
+    # numpy's state holds an ndarray, which weights_only loading refuses: store a tensor.
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "shuffle": shuffle.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, shuffle: torch.Generator) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    shuffle.set_state(state["shuffle"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import platform
-import random
 import re
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import pyro
 import torch
 
 from pyro_gmvae import checkpoint as ckpt
+from pyro_gmvae.checkpoint import rng_state, set_rng_state  # noqa: F401 (part of the run folder's API)
 from pyro_gmvae.config import Config
 from pyro_gmvae.errors import UserInputError
 from pyro_gmvae.faults import LOCK_NAME, FolderLock, clear_folder, write_error
@@ -73,34 +73,6 @@ def versions() -> dict:
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
-
-
-def rng_state(shuffle: torch.Generator) -> dict:
-    """Every random number generator a run draws from, as checkpoint-safe values."""
-    # numpy's state holds an ndarray, which weights_only loading refuses: store a tensor.
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "shuffle": shuffle.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, shuffle: torch.Generator) -> None:
-    """Restore what :func:`rng_state` saved."""
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    shuffle.set_state(state["shuffle"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def check_compatible(saved: dict, config: Config) -> None:

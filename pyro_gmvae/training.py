@@ -140,9 +140,14 @@ def _checkpoint(config, data, model, guide, optimizer, history) -> dict:
     }
 
 
-def _test_metrics(model, guide, data) -> dict:
+def _test_metrics(model, guide, data, labelled: bool = False) -> dict:
+    """The test split's ELBO terms and clustering metrics; with ``--labels`` (cluster c is
+    class c) also the plain accuracy."""
     test = posterior.evaluate(model, guide, data)
-    return {f"test_{k}" if k in ("elbo", "loss") else k: v for k, v in test.items()}
+    row = {f"test_{k}" if k in ("elbo", "loss") else k: v for k, v in test.items()}
+    if labelled and data.labels_test is not None:
+        row["acc_supervised"] = semisupervised.accuracy(model, guide, data.x_test, data.labels_test)
+    return row
 
 
 def _summary(history: list[dict], data: Dataset, config: Config, labelled: bool) -> dict:
@@ -153,6 +158,18 @@ def _summary(history: list[dict], data: Dataset, config: Config, labelled: bool)
         final["acc_supervised"] = history[-1].get("acc_supervised")
     if data.labels_test is not None:
         final["kmeans_hungarian"] = kmeans_baseline(data, config.K, config.seed)
+    return final
+
+
+def _finish(folder, model, guide, data, config, history, labelled: bool, make_figures: bool) -> dict:
+    """Write metrics.json (:func:`_summary`) and the figures; return the summary."""
+    final = _summary(history, data, config, labelled)
+    folder.write_summary(final)
+    if make_figures:
+        from pyro_gmvae.plots import make_run_figures
+
+        with folder.writing(folder.path / "figures"):
+            make_run_figures(folder.path, model, guide, data, history)
     return final
 
 
@@ -255,11 +272,9 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         if not info.is_main:  # rank 0 evaluates and writes the run folder
             continue
         bar.set_postfix_str(f"evaluating on {len(data.x_test)} test examples")
-        row.update(_test_metrics(model, guide, data))
-        if split is not None and data.labels_test is not None:  # cluster c is class c
-            row["acc_supervised"] = semisupervised.accuracy(model, guide, data.x_test, data.labels_test)
-        row.update(seconds=seconds, elapsed=(history[-1]["elapsed"] if history else 0.0) + seconds)
-        history.append(row)
+        row.update(_test_metrics(model, guide, data, labelled=split is not None))
+        history.append({**row, "seconds": seconds, "elapsed": (history[-1]["elapsed"] if history else 0.0) + seconds})
+        row = history[-1]
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row.get('acc_hungarian', math.nan):.3f}")
         folder.save_checkpoint(_checkpoint(config, data, model, guide, optimizer, history), shuffle)
         folder.append_metrics(row)
@@ -267,14 +282,8 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         logger.info("epoch %d: %s", epoch, row)
     bar.close()
     board.close()
-    final = _summary(history, data, config, split is not None) if info.is_main else {}
-    if info.is_main:
-        folder.write_summary(final)
-        if make_figures:
-            from pyro_gmvae.plots import make_run_figures
-
-            with folder.writing(folder.path / "figures"):
-                make_run_figures(folder.path, model, guide, data, history)
+    labelled = split is not None
+    final = _finish(folder, model, guide, data, config, history, labelled, make_figures) if info.is_main else {}
     # Release DDP (its reducer holds gloo work objects) before the group goes, then leave
     # it on every rank at once: the other ranks have waited here while rank 0 wrote.
     step_loss = None  # noqa: F841 (the epoch lambdas close over it)
