@@ -340,4 +340,4 @@ def test_readme_carries_the_snippet():
     if "load_run" not in readme:
         pytest.skip("the README section on loading runs has not been merged yet")
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    assert README_SNIPPET in blocks
+    assert any(block.startswith(README_SNIPPET) for block in blocks)  # the ArviZ lines may follow
