@@ -90,3 +90,13 @@ def test_own_data_results_were_made_with_todays_npz_defaults(name):
     used = {k: entry["config_seed0"][k] for k in npz_defaults(x, entry["K"])}
     assert used == npz_defaults(x, entry["K"])
     assert entry["git_commit"]
+
+
+def test_readme_spiral_table_comes_from_spiral_json():
+    seeds = _json("spiral.json")["seeds"]
+    row = README[README.index("| seed | purity | NMI |") :].splitlines()[2]
+    cells = [cell.strip().split(" / ") for cell in row.strip("|").split("|")]
+    columns = {"purity": "{:.3f}", "nmi": "{:.3f}", "acc_hungarian": "{:.3f}"}
+    columns.update(clusters_used="{}", seconds="{:.1f}")
+    for values, (key, fmt) in zip(cells[1:], columns.items(), strict=True):
+        assert values == [fmt.format(seed[key]) for seed in seeds], key
