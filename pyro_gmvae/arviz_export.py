@@ -33,16 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pyro_gmvae.posterior import posterior_draws
-
-
-def _model_and_guide(source):
-    """A Run (anything with ``model`` and ``guide``) or a (model, guide) pair."""
-    if hasattr(source, "model") and hasattr(source, "guide"):
-        return source.model, source.guide
-    if isinstance(source, tuple | list) and len(source) == 2:
-        return source[0], source[1]
-    raise TypeError(f"expected a Run or a (model, guide) pair, got {type(source).__name__}")
+from pyro_gmvae.posterior import model_and_guide, posterior_draws
 
 
 def to_inference_data(source, y, num_samples: int = 100, batch_size: int = 256, example_ids=None):
@@ -70,7 +61,7 @@ def to_inference_data(source, y, num_samples: int = 100, batch_size: int = 256, 
     """
     import arviz as az
 
-    model, guide = _model_and_guide(source)
+    model, guide = model_and_guide(source)
     y = y if isinstance(y, torch.Tensor) else torch.as_tensor(y, dtype=torch.float32)
     draws = posterior_draws(model, guide, y, num_samples=num_samples, batch_size=batch_size)
     num_examples = len(y)

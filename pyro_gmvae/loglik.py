@@ -33,19 +33,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_gmvae.errors import UserInputError
-from pyro_gmvae.posterior import evaluating
+from pyro_gmvae.posterior import evaluating, model_and_guide
 
 #: Default peak memory for the per-sample intermediate tensors of one chunk (bytes).
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
-
-
-def _model_and_guide(run_or_model_guide):
-    """A Run (anything with ``.model`` and ``.guide``) or a ``(model, guide)`` pair."""
-    if hasattr(run_or_model_guide, "model") and hasattr(run_or_model_guide, "guide"):
-        return run_or_model_guide.model, run_or_model_guide.guide
-    if isinstance(run_or_model_guide, (tuple, list)) and len(run_or_model_guide) == 2:
-        return tuple(run_or_model_guide)
-    raise TypeError(f"loglik needs a Run or a (model, guide) pair, got {type(run_or_model_guide).__name__}")
 
 
 def _as_data(y) -> torch.Tensor:
@@ -172,7 +163,7 @@ def loglik(
     Runs in eval mode under ``torch.inference_mode()``; the modules' previous modes come
     back afterwards.
     """
-    model, guide = _model_and_guide(run_or_model_guide)
+    model, guide = model_and_guide(run_or_model_guide)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise UserInputError(f"the number of importance samples must be an integer >= 1, got {num_samples}")
     if batch_size is not None and batch_size < 1:

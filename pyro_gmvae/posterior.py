@@ -32,6 +32,15 @@ def evaluating(*modules):
             m.train(mode)
 
 
+def model_and_guide(source) -> tuple:
+    """A Run (anything with ``model`` and ``guide``) or a (model, guide) pair, as the pair."""
+    if hasattr(source, "model") and hasattr(source, "guide"):
+        return source.model, source.guide
+    if isinstance(source, tuple | list) and len(source) == 2:
+        return source[0], source[1]
+    raise TypeError(f"expected a Run or a (model, guide) pair, got {type(source).__name__}")
+
+
 def _parameter(module) -> torch.Tensor:
     # Constants follow the model's device and dtype (float32, or float64 after .double()).
     return next(module.parameters())
