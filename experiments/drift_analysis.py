@@ -20,28 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TERMS = ("test_elbo", "recon", "cond_prior", "w_prior", "z_prior", "cv", "test_loss", "train_loss")
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _train_to(epochs: int, out: Path, flags: list[str]) -> None:
     resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
     cmd = [sys.executable, str(Path(__file__).with_name("run.py")), "--out", str(out), "--epochs", str(epochs)]
     subprocess.run(cmd + resume + ["--no-progress", *flags], check=True)
-
-
-def _contingency(assign: np.ndarray, labels: np.ndarray, num_clusters: int) -> np.ndarray:
-    table = np.zeros((num_clusters, int(labels.max()) + 1), dtype=np.int64)
-    np.add.at(table, (assign, labels), 1)
-    return table
 
 
 def _class_confusion(table: np.ndarray) -> np.ndarray:
@@ -57,7 +45,7 @@ def _class_confusion(table: np.ndarray) -> np.ndarray:
 
 def analyse(out: Path, epochs: int, flags: list[str]) -> dict:
     from pyro_gmvae import load_run
-    from pyro_gmvae.metrics import clustering_metrics
+    from pyro_gmvae.metrics import clustering_metrics, contingency
 
     rows, previous, previous_confusion, data = [], None, None, None
     for epoch in range(1, epochs + 1):
@@ -67,7 +55,7 @@ def analyse(out: Path, epochs: int, flags: list[str]) -> dict:
         probs = run.cluster_probs(data.x_test)
         assign = probs.argmax(-1).numpy()
         labels = data.labels_test.numpy()
-        table = _contingency(assign, labels, run.num_clusters)
+        table = contingency(assign, labels, run.num_clusters)
         confusion = _class_confusion(table)
         metrics = clustering_metrics(probs, torch.as_tensor(labels))
         history = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -132,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "flags": flags,
         "command": "python experiments/drift_analysis.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": _git_commit(),
+        "commit": git_commit()["sha"],
         **analyse(out, args.epochs, flags),
     }
     result["config"] = json.loads((out / "config.json").read_text())

@@ -14,19 +14,17 @@ import argparse
 import json
 import logging
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pyro
 import torch
+from common import git_commit
 
 from pyro_gmvae.errors import UserInputError
 from pyro_gmvae.loglik import DEFAULT_MEMORY_BUDGET, loglik, loglik_summary
 from pyro_gmvae.posterior import elbo_terms_dataset
 from pyro_gmvae.runs import load_run
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,17 +48,6 @@ def parser() -> argparse.ArgumentParser:
     add("--json", metavar="PATH", help="write the numbers, the config and the git commit here")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
-
-
-def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of this checkout, or None outside a git work tree."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _finite(value: float) -> float | None:
@@ -94,7 +81,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "split": args.split,
         "num_examples": len(y),
         "seed": args.seed,
-        "git_commit": git_commit(),
+        "git_commit": git_commit()["sha"],
         "config": run.config.to_dict(),
     }
     pyro.set_rng_seed(args.seed)
