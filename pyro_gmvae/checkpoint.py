@@ -54,10 +54,6 @@ class _suppress:
         return exc[0] is not None and issubclass(exc[0], OSError)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete the temporary files that a process killed inside ``atomic_write_bytes`` left.
 

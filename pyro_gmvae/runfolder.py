@@ -317,9 +317,3 @@ class RunFolder:
             with self.writing(self.path / name, needed=len(line) + 1), open(self.path / name, "a") as f:
                 f.write(line + "\n")
                 f.flush()
-
-    # --- reading ------------------------------------------------------------------------
-    def read_summary(self) -> dict | None:
-        """metrics.json, or None before the run finished."""
-        file = self.path / SUMMARY_NAME
-        return json.loads(file.read_text()) if file.is_file() else None
