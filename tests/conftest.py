@@ -42,3 +42,13 @@ def mnist_available() -> bool:
 
 requires_mnist = pytest.mark.skipif(not mnist_available(), reason="MNIST not found under $PYRO_GMVAE_DATA")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def load_script(name: str):
+    """``experiments/<name>.py`` as a fresh module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -7,22 +7,19 @@ timing.  No timing is asserted.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pyro
 import pytest
 import torch
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_speed", REPO / "experiments" / "bench_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_speed")
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@ SVHN's own .mat format, and a user's .npz, each trained for one short epoch."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, requires_mnist
+from conftest import load_script, requires_mnist
 
 from pyro_gmvae import Config, train
 from pyro_gmvae.data import load_mnist, load_svhn
@@ -21,10 +20,7 @@ FINAL_KEYS = {"acc_paper", "acc_hungarian", "purity", "nmi", "ari", "elbo", "clu
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("run_cli", REPO / "experiments" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run")
 
 
 def _check_run_folder(out: Path, figures: tuple[str, ...], epochs: int = 1) -> dict:

@@ -4,12 +4,11 @@ network: ``urllib.request.urlopen``, which torchvision downloads through, is mad
 
 from __future__ import annotations
 
-import importlib.util
 import urllib.error
 import urllib.request
 
 import pytest
-from conftest import REPO
+from conftest import load_script
 
 from pyro_gmvae.data import load_mnist, load_svhn
 from pyro_gmvae.errors import UserInputError
@@ -60,9 +59,7 @@ def test_offline_svhn_download_is_one_line_and_leaves_no_folder(tmp_path, offlin
 
 
 def test_offline_download_through_the_cli_prints_one_line(tmp_path, offline, capsys):
-    spec = importlib.util.spec_from_file_location("run_cli", REPO / "experiments" / "run.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("run")
     root, out = tmp_path / "data", tmp_path / "run"
     argv = ["--data", "mnist", "--download", "--data-root", str(root), "--out", str(out), "--no-progress"]
     assert cli.main(argv) == 2

@@ -6,7 +6,6 @@ its own independent draws), so a test pays the per-call set-up once.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
 
 from pyro_gmvae.build import build_model_and_guide
@@ -257,10 +257,7 @@ def test_estimate_matches_quadrature_truth():
 
 # --- the CLI ----------------------------------------------------------------------------------
 def _evaluate_module():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", EVALUATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("evaluate")
 
 
 def _check_json(path: Path, num_samples: int, num_examples: int):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from pyro_gmvae.autoconfig import is_unit_interval, kmeans_hungarian, npz_defaults, standardize
 from pyro_gmvae.config import Config
@@ -16,10 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _own_data():
-    spec = importlib.util.spec_from_file_location("own_data", REPO / "experiments" / "own_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("own_data")
 
 
 def test_likelihood_from_value_range():

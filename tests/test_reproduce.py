@@ -3,18 +3,14 @@ cells when run again."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
-from conftest import REPO, requires_mnist
+from conftest import REPO, load_script, requires_mnist
 
 
 def _reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "experiments" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("reproduce")
 
 
 def test_summary_over_seeds():
@@ -101,9 +97,7 @@ def test_readme_mnist_numbers_come_from_the_committed_results():
 
 
 def test_accuracy_figure_from_results(tmp_path):
-    spec = importlib.util.spec_from_file_location("mnist_figure", REPO / "experiments" / "mnist_figure.py")
-    figure = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(figure)
+    figure = load_script("mnist_figure")
 
     def seed(acc, start=None):
         row = {"acc_hungarian_per_epoch": acc, "acc_paper_per_epoch": acc}
@@ -191,9 +185,7 @@ def test_grid_settings_fix_every_preset_option():
 def test_confusions_script_reads_a_run_folder(tmp_path, capsys):
     from pyro_gmvae import Config, train
 
-    spec = importlib.util.spec_from_file_location("mnist_confusions", REPO / "experiments" / "mnist_confusions.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("mnist_confusions")
     folder = tmp_path / "grid" / "run"
     result = train(
         Config(data="spiral", train_subset=400, test_subset=200, epochs=1, progress=False, out=str(folder)),

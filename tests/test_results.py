@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from common import trained_config
+from conftest import load_script
 
 from pyro_gmvae.config import Config
 
@@ -78,13 +79,10 @@ def test_readme_own_data_table_comes_from_own_data_json():
 
 @pytest.mark.parametrize("name", ["iris", "wine", "breast_cancer", "moons", "blobs", "aniso"])
 def test_own_data_results_were_made_with_todays_npz_defaults(name):
-    import importlib.util
 
     from pyro_gmvae.autoconfig import npz_defaults
 
-    spec = importlib.util.spec_from_file_location("own_data", REPO / "experiments" / "own_data.py")
-    own_data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(own_data)
+    own_data = load_script("own_data")
     entry = _json("own_data.json")[name]
     x = own_data.make_set(name)["x"]
     used = {k: entry["config_seed0"][k] for k in npz_defaults(x, entry["K"])}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from pyro_gmvae import Config, train
 from pyro_gmvae.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -121,9 +121,7 @@ def test_cli_resume_trains_the_remaining_epochs(tmp_path):
 
 
 def test_cli_refuses_fewer_epochs_than_done(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("run_cli", REPO / "experiments" / "run.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("run")
     small = ["--train-subset", "600", "--test-subset", "200", "--no-progress"]
     assert cli.main(["--out", str(tmp_path), "--epochs", "2", *small]) == 0
     assert cli.main(["--out", str(tmp_path), "--resume", "--epochs", "1"]) == 2

@@ -3,7 +3,6 @@ hand-written mathematics in float64, a short run on an easy set, and the refusal
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 import torch.distributions as td
+from conftest import load_script
 
 from pyro_gmvae import Config, train
 from pyro_gmvae.build import build_model_and_guide
@@ -158,10 +158,7 @@ def test_unsupervised_run_writes_no_labels(tmp_path):
 @pytest.fixture
 def main():
     """``main`` of experiments/run.py, run in this process."""
-    spec = importlib.util.spec_from_file_location("run_cli", REPO / "experiments" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("run").main
 
 
 @pytest.mark.parametrize(
@@ -192,10 +189,7 @@ def test_cli_refuses_labels_without_labelled_data(main, tmp_path, capsys):
 
 # --- the grid ---------------------------------------------------------------------------
 def _experiment(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name)
 
 
 def test_semisup_grid_and_its_summary(tmp_path):

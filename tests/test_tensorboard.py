@@ -7,7 +7,7 @@ import importlib.util
 import json
 
 import pytest
-from conftest import REPO
+from conftest import load_script
 
 from pyro_gmvae import Config, tensorboard_log, train
 
@@ -68,9 +68,7 @@ def test_without_the_package_the_flag_is_refused_in_one_line_before_any_work(tmp
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a)
     )
-    spec = importlib.util.spec_from_file_location("run_cli", REPO / "experiments" / "run.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("run")
     out = tmp_path / "run"
     assert cli.main(["--tensorboard", "--epochs", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
