@@ -113,7 +113,9 @@ class Config:
     network: str | None = option(None, "encoder/decoder family", choices=_registry("pyro_gmvae.networks", "TRUNKS"))
     likelihood: str | None = option(None, "p(y|x)", choices=_registry("pyro_gmvae.likelihoods", "LIKELIHOODS"))
     prior: str = option(
-        "uniform", "cluster weights pi: fixed uniform or learned", choices=_registry("pyro_gmvae.priors", "PRIORS")
+        "uniform",
+        "uniform: the paper's fixed pi; learned: pi learned; tied: one scale shared by the K components",
+        choices=_registry("pyro_gmvae.priors", "PRIORS"),
     )
     guide: str = option("v2", "v2: exact p(z|x,w); v1: q(z|y) head", choices=_registry("pyro_gmvae.guides", "GUIDES"))
     K: int | None = option(None, "number of clusters", check=positive_int)
