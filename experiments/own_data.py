@@ -8,13 +8,14 @@
 Each set is saved once as ``<cache>/<name>.npz`` (arrays ``x``, ``labels``, ``x_test``,
 ``labels_test``; sets without a split get a seeded stratified 70/30 train/test split).
 For each set, k-means (scikit-learn, 10 restarts, seeded, K = number of classes) is fitted
-on the raw training features and assigns the held-out split; the GMVAE is trained with
-the options of :func:`pyro_gmvae.autoconfig.npz_defaults` (features standardised with the
-training statistics when the Gaussian likelihood is chosen) for every seed, and both are
-scored by Hungarian accuracy on the held-out split.
+on the raw training features and assigns the held-out split; the GMVAE is trained for
+every seed exactly as ``python experiments/run.py --data <set>.npz --K K --seed S`` trains
+it, with the options ``train`` derives from the file (:func:`pyro_gmvae.autoconfig.npz_defaults`;
+features standardised with the training statistics when the Gaussian likelihood is
+chosen), and both are scored by Hungarian accuracy on the held-out split.
 
-``--val`` holds out the last 20 % of the TRAINING split as the evaluation split and never
-reads the test split: settings are chosen there.  Without ``--val`` the test split is
+``--val`` holds out the last 20 % of the TRAINING split as the evaluation split
+(``--validation N``) and never scores the test split: settings are chosen there.  Without ``--val`` the test split is
 scored; that is the committed table.  Results go to ``experiments/results/own_data.json``
 (``own_data_val.json`` with ``--val``), one entry per set (key ``<set>`` or
 ``<set>:<tag>``); a set already there is skipped unless ``--force``.  Labels are only
@@ -47,9 +48,9 @@ import torch  # noqa: E402
 from common import git_commit, machine  # noqa: E402
 
 from pyro_gmvae import cluster_probs, train  # noqa: E402
-from pyro_gmvae.autoconfig import kmeans_hungarian, npz_defaults, standardize  # noqa: E402
+from pyro_gmvae.autoconfig import kmeans_hungarian  # noqa: E402
 from pyro_gmvae.config import Config  # noqa: E402
-from pyro_gmvae.data import Dataset, default_data_root  # noqa: E402
+from pyro_gmvae.data import default_data_root  # noqa: E402
 from pyro_gmvae.metrics import hungarian_accuracy  # noqa: E402
 from pyro_gmvae.training import INIT_NAME  # noqa: E402
 
@@ -129,13 +130,11 @@ def _rel(value):
 
 
 def run_set(name: str, path: Path, args, overrides: dict) -> dict:
+    """Train the set's ``.npz`` file as ``run.py --data PATH.npz --K K --seed S`` would, for every seed."""
     x, labels, x_eval, labels_eval = load_split(path, args.val)
     num_clusters = int(len(np.unique(labels)))  # for scoring and K only, as a user who knows K
-    options = {**npz_defaults(x, num_clusters), **overrides}
     baseline = kmeans_hungarian(x, x_eval, labels_eval, num_clusters)  # raw features
     baseline_train = kmeans_hungarian(x, x, labels, num_clusters) if args.val else None
-    if options["likelihood"] == "gaussian":
-        x, x_eval = standardize(x, x_eval)
     entry = {
         "N": int(len(x)),
         "D": int(np.prod(x.shape[1:])),
@@ -143,28 +142,28 @@ def run_set(name: str, path: Path, args, overrides: dict) -> dict:
         "split": "validation (last 20% of train)" if args.val else "test",
         "kmeans_hungarian": baseline,
         "overrides": overrides,
+        "command": f"python experiments/run.py --data {_rel(str(path))} --K {num_clusters} --seed S"
+        + (f" --validation {len(x_eval)}" if args.val else "")
+        + "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items()),
         **({"kmeans_train_hungarian": baseline_train} if args.val else {}),
     }
     accs, starts, seconds, train_accs, threads = [], [], [], [], []
     for seed in args.seeds:
-        data = Dataset(
-            path.stem,
-            torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-            torch.from_numpy(labels.astype(np.int64)),
-            torch.from_numpy(np.ascontiguousarray(x_eval, dtype=np.float32)),
-            torch.from_numpy(labels_eval.astype(np.int64)),
-        )
         out = Path(args.runs) / ("val" if args.val else "test") / f"{name}-{args.tag or 'default'}-s{seed}"
-        config = Config(data=str(path), K=num_clusters, seed=seed, out=str(out), progress=False, **options)
+        validation = {"validation": len(x_eval)} if args.val else {}
+        config = Config(
+            data=str(path), K=num_clusters, seed=seed, out=str(out), progress=False, **validation, **overrides
+        )  # every other option: the .npz defaults that train() derives from the training split
         torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
-        result = train(config, overwrite=True, data=data, make_figures=False)
+        result = train(config, overwrite=True, make_figures=False)
         seconds.append(time.perf_counter() - t0)
         threads.append(torch.get_num_threads())  # still --threads at the end of the run?
         accs.append(result.final["acc_hungarian"])
         if args.val:  # clustering of the training part too: a finer signal on tiny sets, still no test data
+            data = result.load_data()
             probs = cluster_probs(result.model, result.guide, data.x)
-            train_accs.append(hungarian_accuracy(probs.argmax(1).cpu().numpy(), labels))
+            train_accs.append(hungarian_accuracy(probs.argmax(1).cpu().numpy(), data.labels.numpy()))
         init = out / INIT_NAME
         starts.append(json.loads(init.read_text())["test_at_init"]["acc_hungarian"] if init.is_file() else None)
         if seed == args.seeds[0]:

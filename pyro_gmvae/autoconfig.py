@@ -2,7 +2,8 @@
 
 :func:`npz_defaults` turns the training array into option values (``Config`` field
 names), so that ``--data PATH.npz`` with no other flags clusters well without tuning;
-:func:`standardize` is the matching preprocessing for the Gaussian likelihood, and
+:func:`pyro_gmvae.data.standardize_features` (``--standardize features``, on by default
+for a ``.npz`` file with the Gaussian likelihood) is the matching preprocessing, and
 :func:`kmeans_hungarian` the obvious baseline a run should beat.  Every rule was chosen
 on validation splits carved from the training part of seven data sets
 (``experiments/own_data.py --val``), never on a test split.
@@ -49,7 +50,7 @@ def npz_defaults(x: np.ndarray, num_clusters: int | None = None) -> dict:
 
         - ``likelihood``: ``bernoulli`` when every value is in [0, 1] (the grey-level
           cross-entropy of the paper), else ``gaussian`` on standardised features
-          (:func:`standardize`), which puts every feature on the decoder's scale.
+          (``--standardize features``), which puts every feature on the decoder's scale.
         - ``hidden_dim`` H = 8 D rounded to a power of two, within [64, 512]: the
           network grows with the input, capped at the MNIST preset's 500.
         - ``x_dim`` Dx = 10 whatever D (N2D's embedding size).  A latent as narrow
@@ -99,24 +100,6 @@ def npz_defaults(x: np.ndarray, num_clusters: int | None = None) -> dict:
     )
 
 
-def standardize(x_train: np.ndarray, x_test: np.ndarray | None = None, eps: float = 1e-8):
-    """Scale every feature to mean 0 and std 1 with the TRAINING split's statistics.
-
-    The test split (if given) is transformed with the same mean and std, so no test
-    information leaks into the model.  A constant feature (std below ``eps``) is only
-    centred.  Returns ``(x_train, x_test)`` as float32 (``x_test`` None if not given).
-    """
-    x_train = np.asarray(x_train, dtype=np.float64)
-    mean = x_train.mean(0)
-    std = x_train.std(0)
-    std = np.where(std < eps, 1.0, std)
-
-    def apply(a):
-        return None if a is None else ((np.asarray(a, dtype=np.float64) - mean) / std).astype(np.float32)
-
-    return apply(x_train), apply(x_test)
-
-
 def kmeans_hungarian(x_train, x_test, labels_test, num_clusters: int, seed: int = 0) -> float:
     """The baseline: k-means (10 restarts) fitted on the raw training features, the
     test split assigned to the nearest centre, scored by Hungarian accuracy."""
@@ -137,7 +120,12 @@ KMEANS_MAX_FIT = 10000
 
 def kmeans_baseline(data, num_clusters: int, seed: int = 0) -> float:
     """:func:`kmeans_hungarian` for a :class:`~pyro_gmvae.data.Dataset`: fitted on the first
-    :data:`KMEANS_MAX_FIT` training examples as the model sees them, scored on the test split."""
-    x_train = data.x[:KMEANS_MAX_FIT].reshape(min(len(data.x), KMEANS_MAX_FIT), -1).cpu().numpy()
-    x_test = data.x_test.reshape(len(data.x_test), -1).cpu().numpy()
+    :data:`KMEANS_MAX_FIT` training examples, scored on the test split, on the raw features
+    (before ``--standardize features``)."""
+    x_train, x_test = data.x[:KMEANS_MAX_FIT], data.x_test
+    if data.scaling is not None:  # --standardize features: the baseline sees the raw features
+        mean, std = (t.to(x_train.device) for t in data.scaling)
+        x_train, x_test = x_train * std + mean, x_test * std + mean
+    x_train = x_train.reshape(len(x_train), -1).cpu().numpy()
+    x_test = x_test.reshape(len(x_test), -1).cpu().numpy()
     return kmeans_hungarian(x_train, x_test, data.labels_test.cpu().numpy(), num_clusters, seed)

@@ -166,6 +166,13 @@ class Config:
     seed: int = option(0, "random seed")
     device: str = option("cpu", "cpu, cuda or cuda:N")
     out: str | None = option(None, "run folder (default: a fresh runs/<data>-<guide>-K<K>-seed<seed>-<N>)")
+    validation: int | None = option(
+        None,
+        "hold out the last N training examples and evaluate on them instead of the test split "
+        "(choose settings on this; score the test split once, without it)",
+        check=positive_int,
+        optional=True,
+    )
     train_subset: int | None = option(None, "use only the first N training examples", check=positive_int, optional=True)
     test_subset: int | None = option(None, "use only the first N test examples", check=positive_int, optional=True)
     progress: bool = option(True, "no progress bar", action="store_false", flag="--no-progress")
@@ -189,6 +196,12 @@ class Config:
         "on labelled examples (v1: q(z|y); v2: p(z|x,w) at the posterior means)",
         check=non_negative_number,
     )
+    standardize: str | None = option(
+        None,
+        "features: scale every feature to mean 0 and std 1 with the training split's statistics (the test "
+        "split with the same ones); default: features for a .npz file with the Gaussian likelihood, else none",
+        choices=("none", "features"),
+    )
     binarize: str = option(
         "none",
         "dynamic: fresh Bernoulli pixels from the grey levels every epoch for training, a fixed seeded "
@@ -201,13 +214,21 @@ class Config:
             return "npz"
         return "spiral" if self.data.startswith("spiral") else self.data
 
-    def resolved(self) -> Config:
-        """A copy with every ``None`` filled from the data preset."""
-        preset = DATA_PRESETS.get(self.preset_name(), DATA_PRESETS["npz"])
+    def resolved(self, data_defaults: dict | None = None) -> Config:
+        """A copy with every ``None`` filled from the data preset.
+
+        ``data_defaults`` (option values derived from the data, as
+        :func:`pyro_gmvae.autoconfig.npz_defaults` gives for a ``.npz`` file) take the
+        place of the preset's values where they overlap; options the user set win over both.
+        """
+        preset = {**DATA_PRESETS.get(self.preset_name(), DATA_PRESETS["npz"]), **(data_defaults or {})}
         values = dataclasses.asdict(self)
         for key, default in preset.items():
             if values.get(key) is None:
                 values[key] = default
+        if values["standardize"] is None:  # a user's table of features: put each on the decoder's scale
+            gaussian_npz = self.preset_name() == "npz" and values["likelihood"] == "gaussian"
+            values["standardize"] = "features" if gaussian_npz else "none"
         if values["labels"] and self.init is None:  # the labels order the components: no vae-* start
             values["init"] = "random"
         if values["init"] == "random":  # a preset's restarts and fit go with its --init vae-*

@@ -33,6 +33,7 @@ class Dataset:
     labels: torch.Tensor | None
     x_test: torch.Tensor
     labels_test: torch.Tensor | None
+    scaling: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std) of --standardize features
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -292,24 +293,65 @@ def validate_dataset(data: Dataset, data_range: tuple[float, float] | None, batc
         )
 
 
-def prepare_data(config, data: Dataset | None = None) -> Dataset:
-    """Load (unless given), subset and validate the data for a resolved config."""
-    from pyro_gmvae import binarize, semisupervised
-    from pyro_gmvae.likelihoods import LIKELIHOODS
-
-    if data is None:
-        data = load_dataset(config.data, config.data_root, config.download)
+def select_splits(config, data: Dataset) -> Dataset:
+    """The splits the options ask for: ``--validation`` first, then ``--train-subset`` / ``--test-subset``."""
+    if config.validation:
+        hold_out(data, config.validation)
     if config.train_subset:
         data.x = data.x[: config.train_subset]
         data.labels = None if data.labels is None else data.labels[: config.train_subset]
     if config.test_subset:
         data.x_test = data.x_test[: config.test_subset]
         data.labels_test = None if data.labels_test is None else data.labels_test[: config.test_subset]
-    binarize.prepare(config, data)  # --binarize dynamic: the fixed 0/1 test set
+    return data
+
+
+def standardize_features(data: Dataset, eps: float = 1e-8) -> None:
+    """``--standardize features``: every feature to mean 0, std 1 with the training split's statistics.
+
+    The test split is transformed with the same mean and std (no test information reaches
+    the model); a constant feature is only centred.  ``data.scaling`` keeps ``(mean, std)``,
+    so ``x * std + mean`` gives the raw features back (the k-means baseline uses those).
+    """
+    dtype = data.x.dtype
+    x = data.x.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False)
+    std = torch.where(std < eps, torch.ones_like(std), std)
+    data.x = ((x - mean) / std).to(dtype)
+    data.x_test = ((data.x_test.double() - mean) / std).to(dtype)
+    data.scaling = (mean.to(dtype), std.to(dtype))
+
+
+def prepare_data(config, data: Dataset | None = None, *, split: bool = True) -> Dataset:
+    """Load (unless given), split, validate and scale the data for a resolved config.
+
+    ``split=False`` when :func:`select_splits` has been applied already.
+    """
+    from pyro_gmvae import binarize, semisupervised
+    from pyro_gmvae.likelihoods import LIKELIHOODS
+
+    if data is None:
+        data = load_dataset(config.data, config.data_root, config.download)
+    if split:
+        select_splits(config, data)
     validate_dataset(data, LIKELIHOODS[config.likelihood].data_range, config.batch_size)
+    if config.standardize == "features":
+        standardize_features(data)
+    binarize.prepare(config, data)  # --binarize dynamic: the fixed 0/1 test set
     semisupervised.check(config, data)  # --labels N: labels, K and N fit the data
     check_data_shape(config, data.data_shape)
     return data
+
+
+def hold_out(data: Dataset, n: int) -> None:
+    """Make the last ``n`` training examples the evaluation split (``--validation N``); the test split is dropped."""
+    if n >= len(data.x):
+        raise UserInputError(f"{data.name}: --validation {n} leaves no training examples ({len(data.x)} in all)")
+    data.x_test, data.x = data.x[-n:], data.x[:-n]
+    if data.labels is not None:
+        data.labels_test, data.labels = data.labels[-n:], data.labels[:-n]
+    else:
+        data.labels_test = None
 
 
 def check_data_shape(config, data_shape: tuple[int, ...]) -> None:

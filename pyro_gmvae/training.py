@@ -21,10 +21,10 @@ import pyro
 import torch
 
 from pyro_gmvae import binarize, distributed, faults, posterior, semisupervised
-from pyro_gmvae.autoconfig import kmeans_baseline
+from pyro_gmvae.autoconfig import kmeans_baseline, npz_defaults
 from pyro_gmvae.build import build_model_and_guide
-from pyro_gmvae.config import Config
-from pyro_gmvae.data import Dataset, prepare_data
+from pyro_gmvae.config import DATA_PRESETS, Config
+from pyro_gmvae.data import Dataset, load_dataset, prepare_data, select_splits
 from pyro_gmvae.distributed import resolve_device
 from pyro_gmvae.errors import UserInputError
 from pyro_gmvae.initialization import initialize
@@ -81,9 +81,26 @@ def _start(model, guide, data, x_train, config, shuffle, info, device) -> dict |
     return initialize(model, guide, data, x_train, config, shuffle, progress=show, build=build)
 
 
+def _resolve(config: Config, data: Dataset | None) -> tuple[Config, Dataset | None, bool]:
+    """The resolved config, the data, and whether they are split already (a ``.npz`` file's are).
+
+    For a ``.npz`` file the options the user left unset come from
+    :func:`~pyro_gmvae.autoconfig.npz_defaults` of its training split (likelihood from the
+    value range, sizes, batch, start and epochs from N and D) before the static preset.
+    Other data are loaded later, once the options and the run folder are checked.
+    """
+    if config.preset_name() != "npz":
+        return config.resolved(), data, False
+    if data is None:
+        data = load_dataset(config.data, config.data_root, config.download)
+    data = select_splits(config, data)
+    k = config.K or DATA_PRESETS["npz"]["K"]
+    return config.resolved(npz_defaults(data.x.numpy(), k)), data, True
+
+
 def _prepare(config: Config, resume: bool, overwrite: bool, data: Dataset | None):
     """Resolve and check the options, the device, the run folder, the checkpoint and the data."""
-    config = config.resolved()
+    config, data, split = _resolve(config, data)
     config.validate()
     device = resolve_device(config.device)
     info = distributed.init(device)  # under torchrun: RANK, WORLD_SIZE, LOCAL_RANK
@@ -100,7 +117,7 @@ def _prepare(config: Config, resume: bool, overwrite: bool, data: Dataset | None
         distributed.raise_together(lambda: folder.check(resume, overwrite), info)  # rank 0 locks the folder
         distributed.barrier(info)  # every rank has checked the folder before rank 0 writes to it
         state = folder.resume_state(config) if resume else None
-        data = prepare_data(config, data)
+        data = prepare_data(config, data, split=not split)
         if state is not None and tuple(state["data_shape"]) != data.data_shape:
             raise UserInputError(
                 f"the checkpoint in {folder.path} was trained on examples of shape {tuple(state['data_shape'])}, "

@@ -176,6 +176,8 @@ def test_npz_trains_one_epoch_through_the_cli(tmp_path, capsys):
             "16",
             "--batch-size",
             "20",
+            "--init",
+            "random",
             "--no-progress",
             "--out",
             str(out),
@@ -184,3 +186,17 @@ def test_npz_trains_one_epoch_through_the_cli(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     final = _check_run_folder(out, ("losses.png", "accuracy.png"))
     assert 0 <= final["acc_hungarian"] <= 1
+
+
+def test_validation_holds_out_the_last_training_examples():
+    """--validation N evaluates on the last N training examples; the test split is not used."""
+    from pyro_gmvae.data import prepare_data
+    from pyro_gmvae.errors import UserInputError
+
+    config = Config(data="spiral", validation=500, train_subset=1000).resolved()
+    data = prepare_data(config)
+    full = prepare_data(Config(data="spiral").resolved())
+    assert torch.equal(data.x_test, full.x[-500:]) and torch.equal(data.labels_test, full.labels[-500:])
+    assert torch.equal(data.x, full.x[:1000])  # the subset is taken from what is left
+    with pytest.raises(UserInputError, match="leaves no training examples"):
+        prepare_data(Config(data="spiral", validation=len(full.x)).resolved())

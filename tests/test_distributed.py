@@ -42,6 +42,8 @@ def _config(out: Path) -> Config:
         epochs=1,
         lr=1e-2,
         cv_weight=0.5,
+        init="random",  # the static preset's start, not the .npz file's automatic one
+        standardize="none",  # the single-process reference below trains on the raw features
         seed=3,
         out=str(out),
         progress=False,

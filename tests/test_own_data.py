@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import load_script
 
-from pyro_gmvae.autoconfig import is_unit_interval, kmeans_hungarian, npz_defaults, standardize
+from pyro_gmvae.autoconfig import is_unit_interval, kmeans_hungarian, npz_defaults
 from pyro_gmvae.config import Config
+from pyro_gmvae.data import Dataset, standardize_features
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,14 +57,41 @@ def test_standardize_uses_training_statistics():
     x_train = rng.normal(5.0, 3.0, size=(200, 3))
     x_train[:, 2] = 7.0  # a constant feature is only centred
     x_test = rng.normal(5.0, 3.0, size=(50, 3))
-    s_train, s_test = standardize(x_train, x_test)
-    assert s_train.dtype == np.float32
+    t = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731
+    data = Dataset("d", t(x_train), None, t(x_test), None)
+    standardize_features(data)
+    s_train, s_test = data.x.numpy(), data.x_test.numpy()
+    assert data.x.dtype == torch.float32
     np.testing.assert_allclose(s_train.mean(0), 0.0, atol=1e-5)
     np.testing.assert_allclose(s_train[:, :2].std(0), 1.0, atol=1e-5)
     assert np.all(s_train[:, 2] == 0)
     expected = (x_test - x_train.mean(0)) / np.where(x_train.std(0) < 1e-8, 1.0, x_train.std(0))
     np.testing.assert_allclose(s_test, expected, rtol=1e-5, atol=1e-5)
-    assert standardize(x_train)[1] is None
+    mean, std = data.scaling  # the raw features come back (the k-means baseline uses them)
+    np.testing.assert_allclose((data.x * std + mean).numpy(), x_train, rtol=1e-5, atol=1e-4)
+
+
+def test_npz_run_resolves_its_options_from_the_data(tmp_path):
+    """No flags but K: the likelihood, sizes, start and scaling come from the training split."""
+    from pyro_gmvae.training import _resolve
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(300) % 3
+    x = (np.eye(3)[labels] @ rng.normal(size=(3, 5)) * 4 + 50 + rng.normal(size=(300, 5))).astype(np.float32)
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=x[:240], labels=labels[:240], x_test=x[240:], labels_test=labels[240:])
+    config, data, split = _resolve(Config(data=str(path), K=3, epochs=7), None)
+    expected = npz_defaults(x[:240], 3)
+    assert split and {k: getattr(config, k) for k in expected if k != "epochs"} == {
+        k: v for k, v in expected.items() if k != "epochs"
+    }
+    assert config.epochs == 7  # what the user set wins
+    assert config.likelihood == "gaussian" and config.standardize == "features"
+    grey = tmp_path / "grey.npz"
+    np.savez(grey, x=rng.random((200, 6)).astype(np.float32))
+    config, _, _ = _resolve(Config(data=str(grey), K=2), None)
+    assert config.likelihood == "bernoulli" and config.standardize == "none"
+    assert Config(data="mnist").resolved().standardize == "none"
 
 
 def test_kmeans_baseline_on_separated_blobs():
