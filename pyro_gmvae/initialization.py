@@ -221,6 +221,7 @@ def initialize(
     shuffle: torch.Generator,
     progress: bool,
     build=None,
+    anchors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict:
     """``--init vae-kmeans|vae-umap``: pretrain the x-path as a VAE, seat the components on a
     partition of its latent means, and with ``config.init_fit_epochs`` > 0 fit the GMVAE to it.
@@ -234,7 +235,8 @@ def initialize(
     the fit's losses and cross-entropies, and the test metrics of the kept start before any
     GMVAE training, and with R > 1 one such record per start (with its probe score; the test
     metrics there are reported, never used to choose).  ``x_train`` is ``data.x`` already on
-    the training device.
+    the training device.  ``anchors`` (``--labels``: labelled indices and their classes)
+    number the partition's clusters by class (:func:`~pyro_gmvae.partition.number_by_labels`).
     """
     t0 = time.perf_counter()
     restarts = config.init_restarts
@@ -247,7 +249,7 @@ def initialize(
             m, g, x_train, config.pretrain_epochs, config.batch_size, config.pretrain_lr, shuffle, progress=progress
         )
         seated = seat_components(
-            m, g, x_train, config.seed + restart, method=PARTITIONS[config.init], progress=progress
+            m, g, x_train, config.seed + restart, method=PARTITIONS[config.init], progress=progress, anchors=anchors
         )
         record = {"pretrain_loss": losses, "kmeans_inertia": seated["inertia"]}
         if config.init_fit_epochs > 0:

@@ -71,6 +71,25 @@ def partition_latents(
     return {"labels": torch.as_tensor(kmeans.labels_, dtype=torch.long), "inertia": float(kmeans.inertia_)}
 
 
+def number_by_labels(assignments: torch.Tensor, indices: torch.Tensor, classes: torch.Tensor, k: int) -> torch.Tensor:
+    """Renumber the clusters of ``assignments`` (N,) so that cluster c best matches class c.
+
+    The matching maximises how many of the labelled examples (``indices`` into the
+    partitioned examples, with ``classes``) land in the cluster of their class (Hungarian
+    assignment on their counts); labelled examples beyond the partitioned ones are ignored.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    inside = indices < len(assignments)
+    clusters, labels = assignments.cpu()[indices[inside].cpu()], classes[inside.to(classes.device)].cpu()
+    counts = torch.zeros(k, k, dtype=torch.long)
+    counts.index_put_((clusters, labels), torch.ones_like(clusters), accumulate=True)
+    rows, cols = linear_sum_assignment(-counts.numpy())
+    new_id = torch.empty(k, dtype=torch.long)
+    new_id[torch.as_tensor(rows)] = torch.as_tensor(cols)
+    return new_id[assignments.cpu()]
+
+
 @torch.no_grad()
 def seat_components(
     model,
@@ -81,6 +100,7 @@ def seat_components(
     shrink: float = 0.1,
     method: str = "kmeans",
     progress: bool = False,
+    anchors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Put the K components of p(x | z, w) on a partition of q(x|y)'s means.
 
@@ -99,6 +119,10 @@ def seat_components(
         ``"kmeans"`` or ``"umap"``, see :func:`partition_latents`.
     progress : bool
         Show a status line for each step of the partition.
+    anchors : (indices, classes), optional
+        ``--labels``: the labelled examples (indices into ``x_train``) and their classes.
+        The partition's cluster ids are then renumbered so that cluster c holds class c
+        (:func:`number_by_labels`), the order the observed z of those examples asks for.
 
     Returns
     -------
@@ -113,6 +137,8 @@ def seat_components(
     loc = torch.cat([b["x_loc"] for b in q])
     var = torch.cat([b["x_scale"] for b in q]) ** 2
     partition = partition_latents(loc, num_clusters, seed, method, progress)
+    if anchors is not None:
+        partition["labels"] = number_by_labels(partition["labels"], *anchors, num_clusters)
     labels = partition["labels"].to(loc.device)
     onehot = torch.nn.functional.one_hot(labels, num_clusters).to(loc.dtype)  # (N, K)
     counts = onehot.sum(0)[:, None]  # (K, 1); k-means leaves no cluster empty

@@ -68,8 +68,9 @@ def nonfinite_report(model, guide, y: torch.Tensor) -> str:
     return "the loss is finite but a gradient is not"
 
 
-def _start(model, guide, data, x_train, config, shuffle, info, device) -> dict | None:
-    """``--init vae-*`` (before DDP wraps the model: every rank makes the same start)."""
+def _start(model, guide, data, x_train, config, shuffle, info, device, split=None) -> dict | None:
+    """``--init vae-*`` (before DDP wraps the model: every rank makes the same start); with
+    ``--labels`` its clusters are numbered by the labelled examples' classes."""
     if config.init == "random":
         return None
 
@@ -78,7 +79,8 @@ def _start(model, guide, data, x_train, config, shuffle, info, device) -> dict |
         return m.to(device), g.to(device)
 
     show = config.progress and info.is_main
-    return initialize(model, guide, data, x_train, config, shuffle, progress=show, build=build)
+    anchors = None if split is None else (split.indices, split.classes)
+    return initialize(model, guide, data, x_train, config, shuffle, progress=show, build=build, anchors=anchors)
 
 
 def _resolve(config: Config, data: Dataset | None) -> tuple[Config, Dataset | None, bool]:
@@ -238,7 +240,7 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
     guide.to(device)
     x_train = data.x.to(device)
     split = semisupervised.LabelledSplit(config, data, device) if config.labels else None
-    init_record = _start(model, guide, data, x_train, config, shuffle, info, device) if state is None else None
+    init_record = _start(model, guide, data, x_train, config, shuffle, info, device, split) if state is None else None
     loss_fn = make_elbo(config.mc_samples, config.elbo)(model, guide)
     if split is not None:  # --labels: the unlabelled ELBO plus the labelled one, in one module DDP can wrap
         loss_fn = semisupervised.SemiSupervisedLoss(loss_fn, model, guide, config.mc_samples, config.label_weight)

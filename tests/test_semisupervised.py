@@ -215,3 +215,24 @@ def test_labels_start_at_random_unless_told():
     assert (resolved.init, resolved.init_restarts, resolved.init_fit_epochs) == ("random", 1, 0)
     assert Config(data="mnist", labels=100, init="vae-kmeans").resolved().init == "vae-kmeans"
     assert Config(data="mnist").resolved().init == "vae-umap"
+
+
+def test_number_by_labels_renumbers_clusters_to_classes():
+    from pyro_gmvae.partition import number_by_labels
+
+    classes_of_all = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    assignments = torch.tensor([2, 2, 0, 0, 1, 1, 0])  # cluster 2 holds class 0, 0 holds 1, 1 holds 2
+    indices = torch.tensor([0, 2, 4, 9])  # 9: beyond the partitioned examples, ignored
+    classes = torch.tensor([0, 1, 2, 1])
+    renumbered = number_by_labels(assignments, indices, classes, 3)
+    assert renumbered.tolist() == [0, 0, 1, 1, 2, 2, 1]
+    assert (renumbered[:6] == classes_of_all[:6]).all()
+
+
+def test_a_vae_start_is_numbered_by_the_labels(tmp_path):
+    """With --labels and --init vae-*, cluster c of the start holds class c: one epoch suffices."""
+    config = Config(
+        labels=6, epochs=1, init="vae-kmeans", pretrain_epochs=3, init_fit_epochs=1, out=str(tmp_path / "run"), **SMALL
+    )
+    run = train(config, data=blobs(), make_figures=False)
+    assert run.final["acc_supervised"] >= 0.95
