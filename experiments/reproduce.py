@@ -108,6 +108,12 @@ GRIDS = {
                   dict(DEFAULT, x_dim=10, w_dim=2), dict(DEFAULT, w_dim=2, prior="tied"),
                   dict(DEFAULT, w_dim=2, init_fit_epochs=0), dict(DEFAULT, x_dim=10, w_dim=2, cv_weight=10.0)],
     ),
+    # --labels from the default's start (its clusters numbered by the labelled classes):
+    # label weight and epochs chosen on the validation split, then the semisup grid.
+    "semisupval": dict(
+        seeds=1, epochs=6,
+        settings=[dict(DEFAULT, labels=n, label_weight=w) for n in (100, 3000) for w in (1.0, 50.0)],
+    ),
     "scratch": dict(seeds=5, epochs=150, settings=[dict(K=k, lr=1e-4, batch_size=100) for k in (10, 16, 30)]),
     "paper": dict(
         seeds=5, epochs=100,
