@@ -263,15 +263,19 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
-        """A config from saved values; keys of removed options (``extra``) are dropped."""
+        """A config from saved values; keys of removed options (``extra``) are dropped, and
+        options added since take the value that leaves such a run as it was (:data:`ADDED_KEYS`)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known - set(REMOVED_KEYS))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}")
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**{**ADDED_KEYS, **{k: v for k, v in values.items() if k in known}})
 
 
 REMOVED_KEYS = ("extra",)  # in configs saved by earlier versions; ignored on load
+# Options whose field default is filled per data set (None), with the value a run saved
+# before they existed had in effect.
+ADDED_KEYS = {"standardize": "none"}
 
 
 # --- the command line, derived from the fields ---------------------------------------------
