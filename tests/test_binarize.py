@@ -33,7 +33,7 @@ def grey_digits(num_train: int = 300, num_test: int = 100) -> Dataset:
 
 SMALL = dict(
     data="grey.npz", likelihood="bernoulli", K=3, x_dim=2, w_dim=2, hidden_dim=16, batch_size=50, lr=3e-3,
-    progress=False, binarize="dynamic",
+    progress=False, binarize="dynamic", init="random",
 )  # fmt: skip
 
 

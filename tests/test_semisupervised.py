@@ -130,7 +130,9 @@ def test_classifier_term_is_the_guides_cluster_posterior(tiny_mixture, guide_nam
 
 
 # --- a short run ------------------------------------------------------------------------
-SMALL = dict(data="blobs.npz", K=3, x_dim=2, w_dim=2, hidden_dim=32, batch_size=50, lr=3e-3, progress=False)
+SMALL = dict(
+    data="blobs.npz", K=3, x_dim=2, w_dim=2, hidden_dim=32, batch_size=50, lr=3e-3, progress=False, init="random"
+)
 
 
 @pytest.mark.parametrize("guide", GUIDES)
@@ -231,8 +233,7 @@ def test_number_by_labels_renumbers_clusters_to_classes():
 
 def test_a_vae_start_is_numbered_by_the_labels(tmp_path):
     """With --labels and --init vae-*, cluster c of the start holds class c: one epoch suffices."""
-    config = Config(
-        labels=6, epochs=1, init="vae-kmeans", pretrain_epochs=3, init_fit_epochs=1, out=str(tmp_path / "run"), **SMALL
-    )
+    options = {**SMALL, "init": "vae-kmeans", "pretrain_epochs": 3, "init_fit_epochs": 1}
+    config = Config(labels=6, epochs=1, out=str(tmp_path / "run"), **options)
     run = train(config, data=blobs(), make_figures=False)
     assert run.final["acc_supervised"] >= 0.95
