@@ -15,12 +15,14 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 import pyro
 import torch
-from common import git_commit
+from common import git_commit, machine
 
+from pyro_gmvae import binarize
 from pyro_gmvae.errors import UserInputError
 from pyro_gmvae.loglik import DEFAULT_MEMORY_BUDGET, loglik, loglik_summary
 from pyro_gmvae.posterior import elbo_terms_dataset
@@ -80,10 +82,19 @@ def evaluate(args: argparse.Namespace) -> dict:
         "run": str(run.path),
         "split": args.split,
         "num_examples": len(y),
+        "examples": f"the first {len(y)} of the {args.split} split" if args.subset else f"the whole {args.split} split",
         "seed": args.seed,
         "git_commit": git_commit()["sha"],
+        "command": "python experiments/evaluate.py " + " ".join(sys.argv[1:]),
+        "machine": machine(run.device),
         "config": run.config.to_dict(),
     }
+    if run.config.binarize == "dynamic":
+        result["binarization"] = (
+            f"dynamic: training pixels drawn afresh every epoch; the {args.split} split one fixed Bernoulli draw "
+            f"from its grey levels (seed {binarize.TEST_SEED})"
+        )
+    started = time.perf_counter()
     pyro.set_rng_seed(args.seed)
     elbo = loglik_summary(elbo_terms_dataset(run.model, run.guide, y, batch_size=batch_size)["elbo"])
     result["elbo_mean"], result["elbo_stderr"] = elbo["mean"], _finite(elbo["stderr"])
@@ -111,6 +122,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             f"{args.split} log-likelihood (S={args.loglik}, {len(y)} examples): "
             f"{ll['mean']:.4f} +- {ll['stderr']:.4f} nats (standard error over examples)"
         )
+    result["seconds"] = time.perf_counter() - started
     if args.json:
         path = Path(args.json)
         try:
