@@ -103,6 +103,7 @@ class RunFolder:
         self.writer = writer
         self.last_epoch: int | None = None  # of the last checkpoint known to be complete
         self._lock = FolderLock(self.path)
+        self._made_root: Path | None = None  # create_default's root, when it made it
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -129,6 +130,7 @@ class RunFolder:
         next number is tried, so two runs started together never share a folder.
         """
         root = Path(root)
+        made_root = not root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -145,6 +147,7 @@ class RunFolder:
                 raise UserInputError(f"cannot create the run folder {path} ({err.strerror}); pass --out") from None
         folder = cls(path)
         folder._lock.created_folder = True  # close() removes it if the run is refused before writing
+        folder._made_root = root if made_root else None  # and runs/ too, if this made it and it is left empty
         return folder
 
     @classmethod
@@ -200,8 +203,12 @@ class RunFolder:
             ) from None
 
     def close(self) -> None:
-        """Release the lock; a folder this run created and never wrote to is removed."""
+        """Release the lock; a folder this run created and never wrote to is removed (with the
+        default root it made for it, if that is left empty)."""
         self._lock.release(remove_folder_if_empty=True)
+        if self._made_root is not None and not self.path.exists():
+            with contextlib.suppress(OSError):  # not empty (another run's folder): kept
+                self._made_root.rmdir()
 
     def _check_contents(self, resume: bool, overwrite: bool) -> None:
         out = self.path

@@ -99,3 +99,19 @@ def test_overwrite_clears_the_folder_under_the_lock(tmp_path):
         RunFolder(out).check(resume=False, overwrite=True)
     folder.close()
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl"]
+
+
+def test_a_refused_default_run_leaves_no_folder_behind(tmp_path):
+    """A run refused before it writes removes its numbered folder, and the root if it made it."""
+    config = Config().resolved()
+    root = tmp_path / "runs"
+    folder = RunFolder.create_default(config, root)
+    folder.check(resume=False, overwrite=False)
+    folder.close()
+    assert not root.exists()
+    kept = RunFolder.create_default(config, root)  # a root holding another run's folder is kept
+    kept.path.joinpath("config.json").write_text("{}")
+    refused = RunFolder.create_default(config, root)
+    refused.check(resume=False, overwrite=False)
+    refused.close()
+    assert root.is_dir() and kept.path.is_dir() and not refused.path.exists()
