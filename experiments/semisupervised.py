@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         "train_subset": args.train_subset,
         "test_subset": args.test_subset,
         "m2_tutorial_percent": {str(k): v for k, v in M2.items()},
+        "chosen_on": "label weight and epochs chosen on the validation split (the last 10,000 training images): "
+        "python experiments/reproduce.py --grid semisupval --validation 10000 (results/mnist_val.json); "
+        "the test split is scored once, here",
         "by_labels": by_labels,
     }
     out.write_text(json.dumps(record, indent=1) + "\n")
