@@ -27,7 +27,7 @@ from pyro_gmvae.distributed import info_from_env
 from pyro_gmvae.errors import NonFiniteLossError, UserInputError
 from pyro_gmvae.faults import Terminated, raise_on_sigterm
 from pyro_gmvae.runfolder import CONFIG_NAME, RunFolder
-from pyro_gmvae.training import train
+from pyro_gmvae.training import resolved_config, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, resume, overwrite = config_from_args(args)
         if getattr(args, "show_config", False):
-            config = config.resolved()
+            config = resolved_config(config)
             config.validate()
             print(json.dumps(config.to_dict(), indent=2))
             return 0

@@ -317,4 +317,8 @@ def presets_table() -> str:
     width = max(map(len, keys)) + 2
     lines = ["data presets (the defaults of options left unset):", " " * width + "".join(f"{n:>10}" for n in names)]
     lines += [f"{k:<{width}}" + "".join(f"{DATA_PRESETS[n][k]!s:>10}" for n in names) for k in keys]
+    lines.append(
+        "npz: a .npz file's options come from its training array (pyro_gmvae.autoconfig.npz_defaults; "
+        "--show-config shows them); the column only fills what those rules leave unset, K"
+    )
     return "\n".join(lines)

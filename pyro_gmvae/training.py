@@ -100,6 +100,12 @@ def _resolve(config: Config, data: Dataset | None) -> tuple[Config, Dataset | No
     return config.resolved(npz_defaults(data.x.numpy(), k)), data, True
 
 
+def resolved_config(config: Config, data: Dataset | None = None) -> Config:
+    """``config`` with every unset option filled as :func:`train` fills it (for a ``.npz``
+    file from its training array); what ``run.py --show-config`` prints."""
+    return _resolve(config, data)[0]
+
+
 def _prepare(config: Config, resume: bool, overwrite: bool, data: Dataset | None):
     """Resolve and check the options, the device, the run folder, the checkpoint and the data."""
     config, data, split = _resolve(config, data)

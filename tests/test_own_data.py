@@ -155,3 +155,13 @@ def test_every_labelled_run_reports_the_kmeans_baseline(tmp_path):
     data = prepare_data(run.config)
     assert final["kmeans_hungarian"] == kmeans_baseline(data, run.config.K, run.config.seed)
     assert 0.2 < final["kmeans_hungarian"] <= 1.0
+
+
+def test_show_config_prints_what_a_npz_run_would_use(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=(rng.normal(size=(300, 5)) * 7 + 20).astype(np.float32))
+    assert load_script("run").main(["--data", str(path), "--K", "3", "--show-config"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    expected = npz_defaults(np.load(path)["x"][:270], 3)  # the training split: all but the last 10 %
+    assert {k: shown[k] for k in expected} == expected and shown["standardize"] == "features"
