@@ -99,3 +99,12 @@ def test_readme_spiral_table_comes_from_spiral_json():
     columns.update(clusters_used="{}", seconds="{:.1f}")
     for values, (key, fmt) in zip(cells[1:], columns.items(), strict=True):
         assert values == [fmt.format(seed[key]) for seed in seeds], key
+
+
+def test_readme_loglik_numbers_come_from_loglik_json():
+    result = _json("loglik.json")
+    assert result["num_samples"] == 5000 and result["config"]["binarize"] == "dynamic" and result["git_commit"]
+    quoted = f"**{result['loglik_mean']:.2f} +- {result['loglik_stderr']:.2f} nats**"
+    assert quoted in README and f"ELBO of {result['elbo_mean']:.2f} +- {result['elbo_stderr']:.2f}" in README
+    assert f"first {result['num_examples']:,} test images" in README
+    assert result["loglik_mean"] > result["elbo_mean"]  # tighter than the bound
