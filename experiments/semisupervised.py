@@ -50,6 +50,7 @@ def collect(grid_json: Path, train_subset: int | None, test_subset: int | None) 
             "acc_hungarian": summary([r["acc_hungarian"] for r in draws]),
             "nmi": summary([r["nmi"] for r in draws]),
             "m2_tutorial_percent": M2.get(n),
+            "config": entry["config"],  # the grid's setting
             "resolved_config": entry.get("resolved_config"),
             "commits": sorted({json.dumps(r.get("commit"), sort_keys=True) for r in draws}),
             "machine": entry.get("machine"),

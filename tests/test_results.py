@@ -108,3 +108,15 @@ def test_readme_loglik_numbers_come_from_loglik_json():
     assert quoted in README and f"ELBO of {result['elbo_mean']:.2f} +- {result['elbo_stderr']:.2f}" in README
     assert f"first {result['num_examples']:,} test images" in README
     assert result["loglik_mean"] > result["elbo_mean"]  # tighter than the bound
+
+
+def test_readme_semisupervised_row_comes_from_semisupervised_json():
+    result = _json("semisupervised.json")
+    by_labels = result["by_labels"]
+    assert list(by_labels) == ["100", "600", "1000", "3000"] and result["chosen_on"]
+    row = README[README.index("| labels | 100 | 600 | 1000 | 3000 |") :].splitlines()[2]
+    cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+    expected = [f"{100 * e['accuracy']['mean']:.2f} +- {100 * e['accuracy']['std']:.2f}" for e in by_labels.values()]
+    assert [cell.replace("**", "") for cell in cells] == expected
+    for entry in by_labels.values():
+        assert len(entry["accuracy"]["per_draw"]) == 3 and entry["resolved_config"] and entry["commits"]
