@@ -114,6 +114,11 @@ GRIDS = {
         seeds=1, epochs=6,
         settings=[dict(DEFAULT, labels=n, label_weight=w) for n in (100, 3000) for w in (1.0, 50.0)],
     ),
+    # Self-training (issue 12): the default's start, then its own 3000 or 10000 most confident
+    # assignments observed as z at the label weight that held true labels (semisupval).
+    "selftrain": dict(
+        seeds=1, epochs=6, settings=[dict(DEFAULT, pseudo_labels=n, label_weight=50.0) for n in (3000, 10000)]
+    ),
     "scratch": dict(seeds=5, epochs=150, settings=[dict(K=k, lr=1e-4, batch_size=100) for k in (10, 16, 30)]),
     "paper": dict(
         seeds=5, epochs=100,
@@ -157,6 +162,8 @@ def setting_name(s: dict, train_subset: int | None, validation: int | None = Non
         name += f"-{s['prior']}"
     if s.get("labels"):
         name += f"-labels{s['labels']}w{s.get('label_weight', 1.0):g}"
+    if s.get("pseudo_labels"):
+        name += f"-pseudo{s['pseudo_labels']}w{s.get('label_weight', 1.0):g}"
     return name + (f"-n{train_subset}" if train_subset else "") + (f"-val{validation}" if validation else "")
 
 

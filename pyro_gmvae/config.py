@@ -190,6 +190,13 @@ class Config:
         "unless given; 0: unsupervised)",
         check=non_negative_int,
     )
+    pseudo_labels: int = option(
+        0,
+        "self-training, no label read: after the --init vae-* start, observe z for the N training examples "
+        "it assigns most confidently (N/K per cluster, their own cluster; saved in labels.json), weighted by "
+        "--label-weight as --labels does; 0: off",
+        check=non_negative_int,
+    )
     label_weight: float = option(
         1.0,
         "with --labels: weight of the classifier term -log r(z = label) of the guide's cluster posterior "
@@ -253,6 +260,8 @@ class Config:
                         f"{flag(key)} needs --init vae-kmeans or vae-umap (PyTorch's initialisation has no partition)"
                     )
 
+        if self.pseudo_labels and (self.init == "random" or self.labels):
+            raise UserInputError("--pseudo-labels needs an --init vae-* start and no --labels")
         if self.binarize != "none" and self.likelihood != "bernoulli":
             raise UserInputError(
                 f"--binarize {self.binarize} needs --likelihood bernoulli (pixels in [0, 1]); got {self.likelihood}"

@@ -45,7 +45,13 @@ def num_classes(labels: torch.Tensor) -> int:
 
 
 def check(config, data) -> None:
-    """Refuse ``--labels N`` that the data or K cannot serve; one-line UserInputError."""
+    """Refuse ``--labels N`` (or ``--pseudo-labels N``) that the data or K cannot serve; one-line UserInputError."""
+    pseudo = getattr(config, "pseudo_labels", 0)
+    if pseudo and len(data.x) - pseudo < config.batch_size:
+        raise UserInputError(
+            f"--pseudo-labels {pseudo} leaves {len(data.x) - pseudo} of the {len(data.x)} training examples "
+            f"unlabelled, fewer than the batch size {config.batch_size}; pass a smaller --pseudo-labels"
+        )
     if not config.labels:
         return
     if data.labels is None:
@@ -95,30 +101,61 @@ class LabelledSplit:
     """The training set split into the N labelled examples and the unlabelled rest.
 
     ``indices`` (N,) and ``unlabelled`` (|U|,) index ``data.x``; ``classes`` (N,) are the
-    labels of ``indices``, on ``device``.
+    observed clusters of ``indices``, on ``device``: the labels of a seeded draw
+    (:meth:`draw`, ``--labels``) or the start's own most confident assignments
+    (:meth:`confident`, ``--pseudo-labels``, no label read).
     """
 
-    def __init__(self, config, data, device):
-        self.seed = config.seed
-        self.indices = draw_labels(data.labels, config.labels, config.seed)
-        mask = torch.ones(len(data.x), dtype=torch.bool)
+    def __init__(self, indices: torch.Tensor, classes: torch.Tensor, num_examples: int, seed: int, device, kind: str):
+        self.seed, self.kind = seed, kind
+        self.indices = indices.cpu()
+        mask = torch.ones(num_examples, dtype=torch.bool)
         mask[self.indices] = False
         self.unlabelled = torch.nonzero(mask).squeeze(-1)
-        self.classes = data.labels[self.indices].to(device)
+        self.classes = classes.to(device)
         self._indices, self._unlabelled = self.indices.to(device), self.unlabelled.to(device)
+
+    @classmethod
+    def draw(cls, config, data, device) -> LabelledSplit:
+        """``--labels N``: a seeded draw of N labelled examples balanced over the classes."""
+        indices = draw_labels(data.labels, config.labels, config.seed)
+        return cls(indices, data.labels[indices], len(data.x), config.seed, device, "labels")
+
+    @classmethod
+    def confident(cls, model, guide, x: torch.Tensor, num: int, seed: int) -> LabelledSplit:
+        """``--pseudo-labels N``: in each cluster the N // K training examples (N % K clusters
+        one more) whose cluster probability under the start is highest, observed as that cluster."""
+        probs = posterior.cluster_probs(model, guide, x)  # (N, K), p(z | x, w) or q(z | y)
+        conf, assigned = probs.max(-1)
+        k = probs.shape[-1]
+        quota = [num // k + (c < num % k) for c in range(k)]
+        chosen = []
+        for c in range(k):
+            members = torch.nonzero(assigned == c).squeeze(-1)
+            chosen.append(members[conf[members].argsort(descending=True)[: quota[c]]])
+        indices = torch.cat(chosen).sort().values.cpu()
+        return cls(indices, assigned[indices.to(assigned.device)], len(x), seed, x.device, "pseudo-labels")
+
+    @classmethod
+    def from_record(cls, record: dict, num_examples: int, device) -> LabelledSplit:
+        """The split ``labels.json`` describes (a resumed ``--pseudo-labels`` run)."""
+        indices = torch.tensor(record["indices"], dtype=torch.long)
+        return cls(indices, torch.tensor(record["classes"]), num_examples, record["seed"], device, record["kind"])
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(unlabelled examples, labelled examples) of the training tensor ``x`` (on the device)."""
         return x[self._unlabelled], x[self._indices]
 
     def record(self) -> dict:
-        """What ``labels.json`` holds: the seed, the count per class and the indices."""
+        """What ``labels.json`` holds: what observed z, the seed, the count per class, the indices and classes."""
         counts = torch.bincount(self.classes.cpu(), minlength=int(self.classes.max()) + 1)
         return {
+            "kind": self.kind,
             "num_labels": len(self.indices),
             "seed": self.seed,
             "per_class": [int(c) for c in counts],
             "indices": [int(i) for i in self.indices],
+            "classes": [int(c) for c in self.classes.cpu()],
         }
 
 

@@ -12,6 +12,7 @@ warm-up) are functions of the epoch, passed into each epoch as arguments.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 import time
@@ -245,8 +246,14 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
     model.to(device)
     guide.to(device)
     x_train = data.x.to(device)
-    split = semisupervised.LabelledSplit(config, data, device) if config.labels else None
+    split = semisupervised.LabelledSplit.draw(config, data, device) if config.labels else None
     init_record = _start(model, guide, data, x_train, config, shuffle, info, device, split) if state is None else None
+    if config.pseudo_labels:  # self-training: the start's most confident assignments, observed as z
+        if state is None:
+            split = semisupervised.LabelledSplit.confident(model, guide, x_train, config.pseudo_labels, config.seed)
+        else:
+            record = json.loads((folder.path / semisupervised.LABELS_NAME).read_text())
+            split = semisupervised.LabelledSplit.from_record(record, len(x_train), device)
     loss_fn = make_elbo(config.mc_samples, config.elbo)(model, guide)
     if split is not None:  # --labels: the unlabelled ELBO plus the labelled one, in one module DDP can wrap
         loss_fn = semisupervised.SemiSupervisedLoss(loss_fn, model, guide, config.mc_samples, config.label_weight)
@@ -297,7 +304,7 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         if not info.is_main:  # rank 0 evaluates and writes the run folder
             continue
         bar.set_postfix_str(f"evaluating on {len(data.x_test)} test examples")
-        row.update(_test_metrics(model, guide, data, labelled=split is not None))
+        row.update(_test_metrics(model, guide, data, labelled=bool(config.labels)))
         history.append({**row, "seconds": seconds, "elapsed": (history[-1]["elapsed"] if history else 0.0) + seconds})
         row = history[-1]
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row.get('acc_hungarian', math.nan):.3f}")
@@ -307,7 +314,7 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         logger.info("epoch %d: %s", epoch, row)
     bar.close()
     board.close()
-    labelled = split is not None
+    labelled = bool(config.labels)  # true labels: cluster c is class c
     final = _finish(folder, model, guide, data, config, history, labelled, make_figures) if info.is_main else {}
     # Release DDP (its reducer holds gloo work objects) before the group goes, then leave
     # it on every rank at once: the other ranks have waited here while rank 0 wrote.

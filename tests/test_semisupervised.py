@@ -237,3 +237,24 @@ def test_a_vae_start_is_numbered_by_the_labels(tmp_path):
     config = Config(labels=6, epochs=1, out=str(tmp_path / "run"), **options)
     run = train(config, data=blobs(), make_figures=False)
     assert run.final["acc_supervised"] >= 0.95
+
+
+def test_pseudo_labels_observe_the_starts_confident_assignments_and_resume(tmp_path):
+    """--pseudo-labels N reads no label: it observes the start's own clusters for its N most
+    confident examples (N / K per cluster), saves them, and a resumed run uses the same ones."""
+    options = {**SMALL, "init": "vae-kmeans", "pretrain_epochs": 3, "init_fit_epochs": 1}
+    data = blobs()
+    config = Config(pseudo_labels=30, label_weight=5.0, epochs=2, out=str(tmp_path / "one"), **options)
+    one = train(config, data=blobs(), make_figures=False)
+    record = json.loads((tmp_path / "one" / LABELS_NAME).read_text())
+    assert record["kind"] == "pseudo-labels" and record["num_labels"] == 30 and record["per_class"] == [10, 10, 10]
+    assert "acc_supervised" not in one.final  # no true labels: only the unsupervised metrics
+    # The observed clusters are the start's, not the data's labels (cluster ids are arbitrary).
+    observed, true = torch.tensor(record["classes"]), data.labels[record["indices"]]
+    assert (torch.bincount(observed * 3 + true, minlength=9).reshape(3, 3) > 0).sum() == 3  # one class per cluster
+    half = Config(pseudo_labels=30, label_weight=5.0, epochs=1, out=str(tmp_path / "two"), **options)
+    train(half, data=blobs(), make_figures=False)
+    resumed = train(Config(**{**half.to_dict(), "epochs": 2}), resume=True, data=blobs(), make_figures=False)
+    assert resumed.history[-1]["train_loss"] == one.history[-1]["train_loss"]
+    with pytest.raises(Exception, match="--pseudo-labels needs"):
+        train(Config(pseudo_labels=30, epochs=1, out=str(tmp_path / "r"), **SMALL), data=blobs())
