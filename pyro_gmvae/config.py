@@ -199,7 +199,7 @@ class Config:
     )
     label_weight: float = option(
         1.0,
-        "with --labels: weight of the classifier term -log r(z = label) of the guide's cluster posterior "
+        "with --labels or --pseudo-labels: weight of the classifier term -log r(z = label) of the guide's cluster posterior "
         "on labelled examples (v1: q(z|y); v2: p(z|x,w) at the posterior means)",
         check=non_negative_number,
     )
