@@ -199,8 +199,8 @@ class Config:
     )
     label_weight: float = option(
         1.0,
-        "with --labels or --pseudo-labels: weight of the classifier term -log r(z = label) of the guide's cluster posterior "
-        "on labelled examples (v1: q(z|y); v2: p(z|x,w) at the posterior means)",
+        "with --labels or --pseudo-labels: weight of the classifier term -log r(z = label) of the guide's "
+        "cluster posterior on labelled examples (v1: q(z|y); v2: p(z|x,w) at the posterior means)",
         check=non_negative_number,
     )
     standardize: str | None = option(
