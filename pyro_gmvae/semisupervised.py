@@ -25,6 +25,10 @@ times an unlabelled one: the labelled and the unlabelled sets count equally.  Fo
 supervised ELBO alone already trains p(z | x, w) (it pulls x towards component c);
 ``label_weight`` adds the direct classification term on top (0 turns it off).  The cluster
 to class map is the identity, so plain test accuracy (``acc_supervised``) is reported.
+
+``--pseudo-labels N`` uses the same path without labels (self-training): after an
+``--init vae-*`` start, the N training examples the start assigns most confidently observe
+their own cluster (:meth:`LabelledSplit.confident`); only the unsupervised metrics are reported.
 """
 
 from __future__ import annotations
