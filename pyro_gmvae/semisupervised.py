@@ -50,7 +50,7 @@ def num_classes(labels: torch.Tensor) -> int:
 
 def check(config, data) -> None:
     """Refuse ``--labels N`` (or ``--pseudo-labels N``) that the data or K cannot serve; one-line UserInputError."""
-    pseudo = getattr(config, "pseudo_labels", 0)
+    pseudo = config.pseudo_labels
     if pseudo and len(data.x) - pseudo < config.batch_size:
         raise UserInputError(
             f"--pseudo-labels {pseudo} leaves {len(data.x) - pseudo} of the {len(data.x)} training examples "

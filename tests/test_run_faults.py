@@ -291,14 +291,19 @@ RECORD_EXIT = textwrap.dedent(
 )
 
 
+def _torchrun_command(tmp_path: Path, out: Path, epochs: int) -> list[str]:
+    """Two torchrun ranks of run.py on the CPU, each under ``record.py`` (which writes its exit code)."""
+    args = ["--standalone", "--nproc_per_node=2", tmp_path / "record.py", RUN, tmp_path]
+    args += ["--out", out, "--epochs", epochs, "--no-progress", "--device", "cpu"]
+    return [sys.executable, "-m", "torch.distributed.run", *map(str, args)]
+
+
 @pytest.mark.slow
 def test_sigterm_under_torchrun_every_rank_exits_143_and_rank_0_prints_one_line(tmp_path):
     (tmp_path / "record.py").write_text(RECORD_EXIT)
     out = tmp_path / "run"
-    args = ["--standalone", "--nproc_per_node=2", tmp_path / "record.py", RUN, tmp_path]
-    args += ["--out", out, "--epochs", "300", "--no-progress", "--device", "cpu"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", *map(str, args)],
+        _torchrun_command(tmp_path, out, epochs=300),
         cwd=tmp_path,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -327,10 +332,8 @@ def test_a_locked_folder_refuses_every_torchrun_rank(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         before = _tree(out)
-        args = ["--standalone", "--nproc_per_node=2", tmp_path / "record.py", RUN, tmp_path]
-        args += ["--out", out, "--epochs", "1", "--no-progress", "--device", "cpu"]
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", *map(str, args)],
+            _torchrun_command(tmp_path, out, epochs=1),
             cwd=tmp_path,
             env=_env(),
             capture_output=True,
