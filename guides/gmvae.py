@@ -101,7 +101,8 @@ class ExactGuide(PyroModule):
     def forward(self, y: torch.Tensor, kl_weight: float = 1.0, labels: torch.Tensor | None = None) -> None:
         """Issue the sites for ``y``; ``kl_weight`` and ``labels`` are the model's (the signatures match)."""
         q_w, q_x = self.posteriors(self.encode(y))
-        with pyro.plate("data", y.shape[0]):
+        size = int(y.shape[0])  # Python ints: see GMVAE.forward
+        with pyro.plate("data", size, subsample_size=size):
             pyro.sample("w", q_w)
             pyro.sample("x", q_x)
 
@@ -161,7 +162,8 @@ class ClusterHeadGuide(ExactGuide):
         added by :mod:`pyro_gmvae.semisupervised`)."""
         q = self.encode(y)
         q_w, q_x = self.posteriors(q)
-        with pyro.plate("data", y.shape[0]):
+        size = int(y.shape[0])  # Python ints: see GMVAE.forward
+        with pyro.plate("data", size, subsample_size=size):
             pyro.sample("w", q_w)
             if labels is None:
                 pyro.sample("z", dist.Categorical(logits=q["z_logits"]), infer={"enumerate": "parallel"})

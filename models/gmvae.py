@@ -125,8 +125,11 @@ class GMVAE(PyroModule):
         the supervised one, log p(y, z=label) bounded; the regulariser of the cluster
         posterior is not issued (the label replaces that posterior).
         """
-        batch_size = y.shape[0]
-        with pyro.plate("data", batch_size):
+        # Python ints, also while CompiledELBOModule traces the step: a plate whose size is a
+        # traced tensor makes Pyro multiply every log-density by a scale tensor (1.0), one more
+        # op and autograd node per site and step.  The graph is recorded per batch shape anyway.
+        batch_size = int(y.shape[0])
+        with pyro.plate("data", batch_size, subsample_size=batch_size):
             w = pyro.sample("w", self.p_w(batch_size))
             if labels is not None:
                 z = pyro.sample("z", self.p_z(batch_size), obs=labels)

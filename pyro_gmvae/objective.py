@@ -173,7 +173,8 @@ class CompiledELBOModule(ELBOModule):
     and Pyro draws its reparameterised noise with ``torch.normal`` while tracing, so the
     replay draws fresh noise from the global generator in the order the eager step does.
     The replay runs with TorchScript's optimiser off (no autodiff subgraphs, no
-    specialisation after profiling runs): the recorded aten ops run as recorded and
+    specialisation after profiling runs): the recorded aten ops run as recorded (the
+    submodule calls inlined, the traced sizes folded, unused nodes dropped: :func:`_simplify`) and
     autograd differentiates them with its own formulas, so with the same seed loss,
     gradients and BatchNorm statistics equal the eager step's bit for bit, in float32 too,
     however many times the graph has run (a resumed run is identical to one in one go).
@@ -244,7 +245,9 @@ class CompiledELBOModule(ELBOModule):
         try:
             with warnings.catch_warnings(), pyro.validation_enabled(False):
                 warnings.simplefilter("ignore")  # TracerWarnings: Pyro's Python-side checks are constants now
-                return torch.jit.trace_module(_LossStep(self), {"forward": (y, beta)}, check_trace=False)
+                traced = torch.jit.trace_module(_LossStep(self), {"forward": (y, beta)}, check_trace=False)
+            _simplify(traced.forward.graph)
+            return traced
         finally:  # the trace's run leaves no trace: same noise and statistics as eager from here
             torch.set_rng_state(rng[0])
             if cuda:
@@ -252,6 +255,20 @@ class CompiledELBOModule(ELBOModule):
             with torch.no_grad():
                 for buffer, saved in buffers:
                     buffer.copy_(saved)
+
+
+def _simplify(graph: torch.Graph) -> None:
+    """Value-preserving clean-up of a traced graph before its first run.
+
+    Inlines the submodules' calls into one graph (no interpreter frame per module), folds
+    what depends on constants only (the traced sizes and their int/tensor conversions,
+    computed once here by the same kernels), and drops what nothing uses.  No arithmetic
+    on data is reordered, merged or rewritten, so the replay stays bit for bit the eager
+    step (``tests/test_compiled_elbo.py``).
+    """
+    torch._C._jit_pass_inline(graph)
+    torch._C._jit_pass_constant_propagation(graph)
+    torch._C._jit_pass_dce(graph)
 
 
 class CompiledTraceEnum_ELBO(TraceEnum_ELBO):

@@ -127,11 +127,15 @@ def test_pyros_invalid_values_error_is_a_non_finite_step():
         run_epoch(loss_fn, optimizer, torch.full((4, 3), float("nan")), 2, torch.Generator())
 
 
-def test_the_gradient_check_reads_every_entry_on_one_or_mixed_dtypes():
-    from pyro_gmvae.loop import _grads_finite
+def test_the_finiteness_check_reads_every_entry_on_one_or_mixed_dtypes():
+    from pyro_gmvae.loop import _all_finite
 
     grads = [torch.ones(3), torch.ones(2, 2)]
-    assert _grads_finite(grads) and _grads_finite([]) and _grads_finite([torch.ones(3), torch.ones(2).double()])
-    for bad in (float("nan"), float("inf")):
+    assert _all_finite(grads) and _all_finite([]) and _all_finite([torch.ones(3), torch.ones(2).double()])
+    for bad in (float("nan"), float("inf"), -float("inf")):
         grads[1][1, 0] = bad
-        assert not _grads_finite(grads) and not _grads_finite([*grads, torch.ones(2).double()])
+        assert not _all_finite(grads) and not _all_finite([*grads, torch.ones(2).double()])
+    # +inf and -inf in one tensor sum to NaN: still caught
+    assert not _all_finite([torch.tensor([float("inf"), -float("inf")])])
+    # a sum that overflows although every entry is finite counts as non-finite (documented)
+    assert not _all_finite([torch.full((4,), 3e38)]) and _all_finite([torch.full((4,), 3e37)])
