@@ -120,3 +120,17 @@ def test_readme_semisupervised_row_comes_from_semisupervised_json():
     assert [cell.replace("**", "") for cell in cells] == expected
     for entry in by_labels.values():
         assert len(entry["accuracy"]["per_draw"]) == 3 and entry["resolved_config"] and entry["commits"]
+
+
+def test_readme_speed_rows_come_from_speed_json():
+    result = _json("speed.json")
+    rows = {row["case"]["batch_size"]: row for row in result["rows"] if row["autocast"] is None}
+    table = README[README.index("| batch | 8 | 64 | 256 | 1024 |") :].split("\n\n")[0].splitlines()[2:]
+    assert len(table) == 3
+    for line, side in zip(table, ("compiled", "eager", "reference_loop"), strict=True):
+        cells = [cell.strip() for cell in line.strip("|").split("|")][1:]
+        expected = [f"{rows[b][side]['ratio']:.3f}" for b in (8, 64, 256, 1024)]
+        expected[0] += f" ({rows[8][side]['added_ms']:+.2f} ms)"
+        assert cells == expected, side
+    epoch = next(e for e in result["epochs"] if (e["elbo"], e["init"]) == ("compiled", "random"))
+    assert f"takes {epoch['train_seconds']:.1f} s on 2 CPU threads" in README
