@@ -3,7 +3,7 @@
     python experiments/mnist_figure.py            # writes results/figures/mnist/accuracy_per_epoch.png
 
 One panel per K: for each setting, the mean over seeds of the test accuracy after every
-epoch (line) and the worst and best seed (band); a marker at epoch 0 shows where
+epoch (line) and the worst and best seed (band; none with one seed); a marker at epoch 0 shows where
 ``--init vae-kmeans`` and ``vae-umap`` runs start.  Hungarian accuracy for K = 10, the paper's rule for other
 K (one-to-one matching counts K - 10 clusters wrong by construction).  Every point comes
 from the committed JSON.
@@ -34,7 +34,7 @@ def curves(results: dict, K: int) -> list[tuple[str, np.ndarray, np.ndarray | No
         if entry["config"]["K"] != K or entry.get("train_subset") or not entry["summary"]:
             continue
         runs = [r for r in entry["per_seed"] if "error" not in r and r.get(f"{metric}_per_epoch")]
-        if len(runs) < 2 or len({len(r[f"{metric}_per_epoch"]) for r in runs}) != 1:
+        if not runs or len({len(r[f"{metric}_per_epoch"]) for r in runs}) != 1:
             continue
         acc = np.array([r[f"{metric}_per_epoch"] for r in runs])
         start = np.array([r["at_init"][metric] for r in runs]) if all("at_init" in r for r in runs) else None

@@ -115,10 +115,11 @@ def test_accuracy_figure_from_results(tmp_path):
             "K10-init-e2": entry(10, [seed([0.6, 0.7], 0.65), seed([0.6, 0.6], 0.6)]),
             "K10-subset-e2": entry(10, [seed([0.1, 0.2]), seed([0.1, 0.2])], train_subset=1000),
             "K16-b-e2": entry(16, [seed([0.5, 0.6]), seed([0.5, 0.7])]),
+            "K10-one-e2": entry(10, [seed([0.3, 0.4])]),  # one seed so far: a line without a band
         }
     }
     got = {name: (acc.shape, start) for name, acc, start in figure.curves(results, 10)}
-    assert set(got) == {"K10-a-e3", "K10-init-e2"}
+    assert set(got) == {"K10-a-e3", "K10-init-e2", "K10-one-e2"} and got["K10-one-e2"][0] == (1, 2)
     assert got["K10-a-e3"][0] == (2, 3) and got["K10-a-e3"][1] is None
     assert list(got["K10-init-e2"][1]) == [0.65, 0.6]
     path = figure.plot(results, tmp_path / "acc.png")
