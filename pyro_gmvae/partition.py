@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from pyro_gmvae.errors import UserInputError
+from pyro_gmvae.metrics import contingency
 from pyro_gmvae.networks import SCALE_FLOOR
 from pyro_gmvae.progress import status
 
@@ -82,9 +83,7 @@ def number_by_labels(assignments: torch.Tensor, indices: torch.Tensor, classes: 
 
     inside = indices < len(assignments)
     clusters, labels = assignments.cpu()[indices[inside].cpu()], classes[inside.to(classes.device)].cpu()
-    counts = torch.zeros(k, k, dtype=torch.long)
-    counts.index_put_((clusters, labels), torch.ones_like(clusters), accumulate=True)
-    rows, cols = linear_sum_assignment(-counts.numpy())
+    rows, cols = linear_sum_assignment(contingency(clusters, labels, k, k), maximize=True)
     new_id = torch.empty(k, dtype=torch.long)
     new_id[torch.as_tensor(rows)] = torch.as_tensor(cols)
     return new_id[assignments.cpu()]
