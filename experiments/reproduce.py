@@ -60,7 +60,10 @@ BASE = dict(
     data="mnist", network="fc", likelihood="bernoulli", hidden_dim=500, x_dim=200, w_dim=150, K=10, lr=1e-3,
     batch_size=256, cv_weight=0.0, kl_warmup=0, init="random", pretrain_epochs=3, init_restarts=1, init_fit_epochs=0,
 )  # fmt: skip
-_DEFAULTS = ("mc_samples", "guide", "z_prior_weight", "free_bits", "init_probe_epochs", "init_fit_weight", "prior")
+_DEFAULTS = (
+    "mc_samples", "guide", "z_prior_weight", "free_bits", "init_probe_epochs", "init_fit_weight", "prior",
+    "balance_weight",
+)  # fmt: skip
 SMALL = dict(hidden_dim=64, x_dim=8, w_dim=8, batch_size=50)
 KMEANS = dict(init="vae-kmeans")
 UMAP = dict(init="vae-umap", lr=1e-4, cv_weight=2.0)
@@ -108,6 +111,9 @@ GRIDS = {
                   dict(DEFAULT, x_dim=10, w_dim=2), dict(DEFAULT, w_dim=2, prior="tied"),
                   dict(DEFAULT, w_dim=2, init_fit_epochs=0), dict(DEFAULT, x_dim=10, w_dim=2, cv_weight=10.0)],
     ),
+    # The batch-balance term (gamma KL(batch mean of p(z|x,w) || pi)) against the drift's
+    # growing clusters: python experiments/reproduce.py --grid balance --validation 10000
+    "balance": dict(seeds=1, epochs=6, settings=[dict(DEFAULT, balance_weight=g) for g in (10.0, 100.0)]),
     # --labels from the default's start (its clusters numbered by the labelled classes):
     # label weight and epochs chosen on the validation split, then the semisup grid.
     "semisupval": dict(
@@ -160,6 +166,8 @@ def setting_name(s: dict, train_subset: int | None, validation: int | None = Non
         name += f"-x{s['x_dim']}w{s['w_dim']}"
     if s.get("prior", "uniform") != "uniform":
         name += f"-{s['prior']}"
+    if s.get("balance_weight"):
+        name += f"-bal{s['balance_weight']:g}"
     if s.get("labels"):
         name += f"-labels{s['labels']}w{s.get('label_weight', 1.0):g}"
     if s.get("pseudo_labels"):

@@ -10,6 +10,7 @@ from pyro_gmvae.likelihoods import Likelihood
 from pyro_gmvae.objective import (
     ComponentNormal,
     Regularization,
+    balance_kl,
     cluster_log_posterior,
     entropy,
     kl_categorical,
@@ -29,8 +30,9 @@ class GMVAE(PyroModule):
         x | z, w ~ N(mu_z(w), diag sigma_z(w)^2)             "x"  (Dx,)
         y | x ~ likelihood(decoder(x))                       "y"  data shape
 
-    plus one ``pyro.factor("regularizer", ...)`` carrying ``-(eta - 1) z_prior - alpha cv`` of
-    the exact cluster posterior p(z | x, w), and during KL warm-up (``kl_weight`` < 1) one
+    plus one ``pyro.factor("regularizer", ...)`` carrying ``-(eta - 1) z_prior - alpha cv -
+    gamma balance`` of the exact cluster posterior p(z | x, w) (balance: KL of the batch's mean
+    p(z | x, w) to pi, the same for every example of the batch), and during KL warm-up (``kl_weight`` < 1) one
     ``pyro.factor("kl_warmup", ...)``.
 
     The model never asks which guide it is paired with.  Its regulariser is the one of
@@ -48,7 +50,7 @@ class GMVAE(PyroModule):
         x (..., Dx) -> (..., likelihood.num_params, *data_shape).
     data_shape : tuple of int
     regularization : Regularization
-        eta, alpha and the free-bits threshold applied to p(z | x, w).
+        eta, alpha, the free-bits threshold and gamma applied to p(z | x, w).
     """
 
     def __init__(
@@ -96,10 +98,14 @@ class GMVAE(PyroModule):
     def has_regularizer(self) -> bool:
         """Whether the model issues the ``"regularizer"`` factor at all (eta, alpha, lambda)."""
         reg = self.regularization
-        return reg.cv_weight > 0 or reg.touches_z_prior
+        return reg.cv_weight > 0 or reg.touches_z_prior or reg.balance_weight > 0
 
     def regularizer(self, x: torch.Tensor, w: torch.Tensor, log_components: torch.Tensor | None = None) -> torch.Tensor:
         """Value of the ``"regularizer"`` factor at (x, w), shape x.shape[:-1].
+
+        With gamma > 0 (``balance_weight``) the batch dimension is x's second to last one:
+        every example carries ``-gamma KL(rbar || pi)`` of the batch's mean posterior rbar, so
+        the batch's sum is ``-gamma B KL(rbar || pi)``.
 
         ``log_components`` (..., K), log N(x; mu_k(w), sigma_k(w)), saves recomputing them.
         """
@@ -111,6 +117,8 @@ class GMVAE(PyroModule):
         value = -reg.cv_weight * entropy(log_r)
         if reg.touches_z_prior:
             value = value + z_prior_adjustment(kl_categorical(log_r, self.prior.cluster_log_weights()), reg)
+        if reg.balance_weight > 0:
+            value = value - reg.balance_weight * balance_kl(log_r, self.prior.cluster_log_weights()).unsqueeze(-1)
         return value
 
     # --- the model ------------------------------------------------------------------

@@ -22,7 +22,12 @@ def build_model_and_guide(config: Config, data_shape: tuple[int, ...]):
     ``config`` must be resolved and valid (:meth:`Config.validate`).  Returns ``(model, guide)``.
     """
     use_module_local_params()
-    reg = Regularization(z_prior_weight=config.z_prior_weight, cv_weight=config.cv_weight, free_bits=config.free_bits)
+    reg = Regularization(
+        z_prior_weight=config.z_prior_weight,
+        cv_weight=config.cv_weight,
+        free_bits=config.free_bits,
+        balance_weight=config.balance_weight,
+    )
     likelihood = LIKELIHOODS[config.likelihood]()
     prior = PRIORS[config.prior](config.K, config.x_dim, config.w_dim, config.hidden_dim)
     decoder = DECODERS[config.network](config.x_dim, config.hidden_dim, data_shape, likelihood.num_params)

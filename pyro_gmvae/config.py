@@ -163,6 +163,12 @@ class Config:
     z_prior_weight: float = option(1.0, "eta, weight of the z-prior KL", check=non_negative_number)
     cv_weight: float | None = option(None, "alpha, consistency-violation weight", check=non_negative_number)
     free_bits: float = option(0.0, "lambda, free-bits threshold of the z prior (0: off)", check=non_negative_number)
+    balance_weight: float = option(
+        0.0,
+        "gamma, weight of KL(minibatch mean of p(z|x,w) || pi) per example: a cluster taking more than its "
+        "share of a batch costs every example (0: off)",
+        check=non_negative_number,
+    )
     seed: int = option(0, "random seed")
     device: str = option("cpu", "cpu, cuda or cuda:N")
     out: str | None = option(None, "run folder (default: a fresh runs/<data>-<guide>-K<K>-seed<seed>-<N>)")

@@ -8,14 +8,18 @@ Notation of the paper (Dilokthanakul et al. 2016, section 3).  Per example, with
     w_prior    = KL(q(w|y) || N(0, I))
     z_prior    = E[KL(r || pi)]
     cv         = E[H(p(z|x,w))]          (consistency violation; not part of the ELBO)
+    balance    = KL(mean_b p(z|x_b,w_b) || pi)   (one value per minibatch; not part of the ELBO)
 
 with r = p(z|x,w) for the v2 guide and r = q(z|y) for the v1 guide.  Training maximises
-``ELBO - (eta - 1) z_prior - alpha cv``; with free bits lambda > 0 the z_prior term only
-passes gradient while its minibatch mean exceeds lambda.
+``ELBO - (eta - 1) z_prior - alpha cv - gamma balance`` per example; with free bits lambda > 0
+the z_prior term only passes gradient while its minibatch mean exceeds lambda.  The balance
+term (gamma > 0) compares the minibatch's average cluster posterior with pi: a cluster that
+takes more than its share of the batch costs every example, which no per-example term does.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -36,14 +40,16 @@ TERM_NAMES = ("recon", "cond_prior", "w_prior", "z_prior", "cv", "elbo", "loss")
 
 @dataclass(frozen=True)
 class Regularization:
-    """Weights of the regularisers added to the ELBO: eta on z_prior, alpha on cv, free bits lambda."""
+    """Weights of the regularisers added to the ELBO: eta on z_prior, alpha on cv, free bits lambda,
+    gamma on the minibatch's cluster balance."""
 
     z_prior_weight: float = 1.0  # eta; 1 leaves the ELBO's own z_prior term as it is
     cv_weight: float = 0.0  # alpha; weight of the consistency-violation entropy
     free_bits: float = 0.0  # lambda; 0 turns free bits off
+    balance_weight: float = 0.0  # gamma; weight of KL(minibatch mean of p(z|x,w) || pi) per example
 
     def __post_init__(self):
-        for name in ("z_prior_weight", "cv_weight", "free_bits"):  # the check of the Config fields
+        for name in ("z_prior_weight", "cv_weight", "free_bits", "balance_weight"):  # the check of the Config fields
             non_negative_number(name, getattr(self, name))
 
     @property
@@ -114,6 +120,16 @@ def entropy(log_probs: torch.Tensor) -> torch.Tensor:
 def kl_categorical(log_probs: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
     """KL(r || pi) over the last dimension."""
     return (log_probs.exp() * (log_probs - log_weights)).sum(-1)
+
+
+def balance_kl(log_r: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """KL(rbar || pi) of the batch's mean cluster posterior rbar = mean_b r_b: (..., B, K) -> (...,).
+
+    Zero when the batch spreads over the clusters as pi says; it grows as one cluster takes
+    more than its share.  Batch-level: the value of every example depends on the others.
+    """
+    log_mean = torch.logsumexp(log_r, -2) - math.log(log_r.shape[-2])
+    return kl_categorical(log_mean, log_weights)
 
 
 def gated_z_prior(z_prior: torch.Tensor, free_bits: float) -> torch.Tensor:

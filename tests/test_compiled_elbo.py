@@ -31,7 +31,7 @@ def _module_local_params():
 def _build(guide: str, free_bits: float, network: str = "fc", dtype=torch.float64):
     config = Config(
         data="mnist", network=network, guide=guide, K=4, x_dim=3, w_dim=2, hidden_dim=12,
-        z_prior_weight=1.5, cv_weight=0.7, free_bits=free_bits,
+        z_prior_weight=1.5, cv_weight=0.7, free_bits=free_bits, balance_weight=0.4,
     ).resolved()  # fmt: skip
     pyro.set_rng_seed(0)
     model, guide_ = build_model_and_guide(config, DATA_SHAPE)
@@ -56,7 +56,8 @@ def _set_state(loss_module, state):
 @pytest.mark.parametrize("free_bits", [0.01, 50.0], ids=["gate-open", "gate-shut"])
 @pytest.mark.parametrize("guide", ["v2", "v1"])
 def test_compiled_step_gives_the_eager_loss_gradients_and_batchnorm_statistics(guide, free_bits, kl_weight, dtype):
-    """eta 1.5, alpha 0.7, free bits, M = 3, BatchNorm in train mode: equal step by step, bit for bit."""
+    """eta 1.5, alpha 0.7, free bits, gamma 0.4 (batch balance), M = 3, BatchNorm in train mode:
+    equal step by step, bit for bit."""
     model, guide_, y = _build(guide, free_bits, dtype=dtype)
     compiled = make_elbo(3)(model, guide_)
     eager = make_elbo(3, "eager")(model, guide_)

@@ -25,6 +25,7 @@ K, HIDDEN, X_DIM, W_DIM, DATA_DIM, BATCH = 3, 8, 2, 2, 4, 8
 GUIDES = ("v2", "v1")
 PLAIN = dict(z_prior_weight=1.0, cv_weight=0.0, free_bits=0.0)
 WEIGHTED = dict(z_prior_weight=1.7, cv_weight=0.3, free_bits=0.0)
+BALANCED = dict(WEIGHTED, balance_weight=0.8)  # plus gamma KL(batch mean of p(z|x,w) || pi)
 
 
 def build(guide: str, prior: str = "uniform", **reg):
@@ -74,7 +75,8 @@ def hand_terms(model, guide, y, w_sample, x_sample):
 
     The samples are rebuilt as loc + scale * eps from this call's encoder output, so
     gradients flow through the reparameterisation exactly as in Pyro.
-    Returns (elbo, z_prior, cv), each of shape (M, B) (M = 1 for an unbatched sample).
+    Returns (elbo, z_prior, cv), each of shape (M, B) (M = 1 for an unbatched sample), and
+    balance, KL(mean_b p(z | x_b, w_b) || pi) of the batch, shape (M,).
     """
     q = guide.encode(y)
     eps_w = (w_sample - q["w_loc"].detach()) / q["w_scale"].detach()
@@ -108,21 +110,24 @@ def hand_terms(model, guide, y, w_sample, x_sample):
         q_z = torch.softmax(q["z_logits"], -1)  # (B, K): z summed out under q(z|y)
         z_prior = td.kl_divergence(td.Categorical(probs=q_z), td.Categorical(probs=pi)).expand_as(base)
         elbo = base + sum(q_z[:, k] * log_n[..., k] for k in range(K)) - z_prior
-    return elbo, z_prior, cv
+    batch_mean = posterior.mean(-2)  # (M, K)
+    balance = (batch_mean * (batch_mean.log() - pi.log())).sum(-1)
+    return elbo, z_prior, cv, balance
 
 
-def hand_loss(model, guide, y, w, x, eta, alpha, gate_shut=False):
-    """-ELBO + (eta - 1) z_prior + alpha cv, averaged over particles, summed over the batch.
+def hand_loss(model, guide, y, w, x, eta, alpha, gate_shut=False, gamma=0.0):
+    """-ELBO + (eta - 1) z_prior + alpha cv, averaged over particles, summed over the batch,
+    plus B gamma balance (the batch's term, once per example).
     With the free-bits gate shut, the eta * z_prior part passes no gradient."""
-    elbo, z_prior, cv = hand_terms(model, guide, y, w, x)
+    elbo, z_prior, cv, balance = hand_terms(model, guide, y, w, x)
     if gate_shut:
         per_sample = -(elbo + z_prior) + eta * z_prior.detach() + alpha * cv
     else:
         per_sample = -elbo + (eta - 1) * z_prior + alpha * cv
-    return per_sample.mean(0).sum()
+    return per_sample.mean(0).sum() + y.shape[0] * gamma * balance.mean(0)
 
 
-@pytest.mark.parametrize("reg", [PLAIN, WEIGHTED], ids=["plain", "weighted"])
+@pytest.mark.parametrize("reg", [PLAIN, WEIGHTED, BALANCED], ids=["plain", "weighted", "balanced"])
 @pytest.mark.parametrize("num_particles", [1, 3])
 @pytest.mark.parametrize("prior", ["uniform", "learned"])
 @pytest.mark.parametrize("guide_name", GUIDES)
@@ -132,7 +137,9 @@ def test_traceenum_loss_and_gradients_equal_hand_written_sum(y, guide_name, prio
     pyro.set_rng_seed(7)
     loss = loss_fn(y)
     w, x = guide_samples(guide, y, num_particles, seed=7)
-    expected = hand_loss(model, guide, y, w, x, reg["z_prior_weight"], reg["cv_weight"])
+    expected = hand_loss(
+        model, guide, y, w, x, reg["z_prior_weight"], reg["cv_weight"], gamma=reg.get("balance_weight", 0)
+    )
 
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
     parameters = params(model, guide)
@@ -211,7 +218,9 @@ def test_v2_parallel_and_sequential_enumeration_agree(y, reg):
 
 
 # --- elbo_terms: the logged terms -----------------------------------------------------
-@pytest.mark.parametrize("reg", [PLAIN, WEIGHTED, dict(WEIGHTED, free_bits=0.05)], ids=["plain", "weighted", "fb"])
+@pytest.mark.parametrize(
+    "reg", [PLAIN, WEIGHTED, dict(WEIGHTED, free_bits=0.05), BALANCED], ids=["plain", "weighted", "fb", "balanced"]
+)
 @pytest.mark.parametrize("num_particles", [1, 3])
 @pytest.mark.parametrize("guide_name", GUIDES)
 def test_elbo_terms_loss_matches_traceenum(y, guide_name, num_particles, reg):
@@ -308,7 +317,7 @@ def test_free_bits_gate_switches_on_the_batch_mean(y, guide_name, num_particles)
     eta, alpha = 1.7, 0.3
     model0, guide0 = build(guide_name, "learned", z_prior_weight=eta, cv_weight=alpha)
     w, x = guide_samples(guide0, y, num_particles, seed=13)
-    _, z_prior, _ = hand_terms(model0, guide0, y, w, x)
+    _, z_prior, _, _ = hand_terms(model0, guide0, y, w, x)
     batch_mean = float(z_prior.detach().mean())
     assert batch_mean > 0
 
