@@ -152,6 +152,13 @@ class Config:
     init_restarts: int | None = option(
         None, "--init vae-*: make this many starts, keep the one with the lowest probe objective", check=positive_int
     )
+    init_select: str | None = option(
+        None,
+        "--init-restarts: keep the start with the lowest probe objective (probe), or the one whose partition "
+        "agrees most with the other starts' (consensus: highest mean adjusted Rand index; no probe) "
+        "(default: probe; consensus for a .npz file)",
+        choices=("probe", "consensus"),
+    )
     init_probe_epochs: int = option(2, "GMVAE epochs each start trains before it is scored", check=positive_int)
     init_fit_epochs: int | None = option(
         None,
@@ -239,6 +246,8 @@ class Config:
         for key, default in preset.items():
             if values.get(key) is None:
                 values[key] = default
+        if values["init_select"] is None:
+            values["init_select"] = "probe"
         if values["standardize"] is None:  # a user's table of features: put each on the decoder's scale
             gaussian_npz = self.preset_name() == "npz" and values["likelihood"] == "gaussian"
             values["standardize"] = "features" if gaussian_npz else "none"
@@ -290,7 +299,7 @@ class Config:
 REMOVED_KEYS = ("extra",)  # in configs saved by earlier versions; ignored on load
 # Options whose field default is filled per data set (None), with the value a run saved
 # before they existed had in effect.
-ADDED_KEYS = {"standardize": "none"}
+ADDED_KEYS = {"standardize": "none", "init_select": "probe"}
 
 
 # --- the command line, derived from the fields ---------------------------------------------

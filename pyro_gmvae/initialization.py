@@ -23,9 +23,12 @@ With ``--init-restarts R`` (R > 1) this is done R times, each with its own netwo
 initialisation, data order and clustering seed; each start then trains a copy of itself
 for ``--init-probe-epochs`` GMVAE epochs (:func:`probe_start`) and is scored by the
 training objective on a fixed set of training examples.  The start (the state before the
-probe, not the probed copy) with the lowest objective is kept.  No labels are used
-anywhere: like k-means' own restarts, the restarts are ranked by the objective being
-optimised, and the partition comes from the data alone.
+probe, not the probed copy) with the lowest objective is kept.  With ``--init-select
+consensus`` there is no probe: the start whose partition has the highest mean adjusted Rand
+index with the other starts' partitions is kept (the most typical of the R partitions;
+:func:`~pyro_gmvae.partition.consensus_scores`).  No labels are used anywhere: like k-means'
+own restarts, the restarts are ranked by the objective being optimised or by their
+agreement, and the partition comes from the data alone.
 
 Training then proceeds as usual from this start, with the plain GMVAE objective.  Without
 the fit, the v1 guide's cluster head q(z | y) is not fitted to the partition: it starts
@@ -51,7 +54,7 @@ from pyro_gmvae import posterior
 from pyro_gmvae.errors import NonFiniteLossError
 from pyro_gmvae.loop import adam, is_invalid_values_error, progress_bar, run_epoch
 from pyro_gmvae.objective import make_elbo
-from pyro_gmvae.partition import partition_latents, seat_components
+from pyro_gmvae.partition import consensus_scores, partition_latents, seat_components
 from pyro_gmvae.progress import status
 
 if TYPE_CHECKING:
@@ -229,12 +232,13 @@ def initialize(
     With ``config.init_restarts`` R > 1, R starts are made (the first from ``model`` and
     ``guide`` as given, the others from ``build()``, which returns a fresh model and guide on
     the training device), each is probed (:func:`~pyro_gmvae.initialization.probe_start`)
-    and the one with the lowest objective is loaded into ``model`` and ``guide``.
+    and the one with the lowest objective is loaded into ``model`` and ``guide``; with
+    ``config.init_select`` "consensus" the one whose partition agrees most with the others'.
 
     Returns the record written to ``init.json``: pretraining losses, the k-means objective,
     the fit's losses and cross-entropies, and the test metrics of the kept start before any
-    GMVAE training, and with R > 1 one such record per start (with its probe score; the test
-    metrics there are reported, never used to choose).  ``x_train`` is ``data.x`` already on
+    GMVAE training, and with R > 1 one such record per start (with its probe score or its
+    agreement; the test metrics there are reported, never used to choose).  ``x_train`` is ``data.x`` already on
     the training device.  ``anchors`` (``--labels``: labelled indices and their classes)
     number the partition's clusters by class (:func:`~pyro_gmvae.partition.number_by_labels`).
     """
@@ -242,7 +246,8 @@ def initialize(
     restarts = config.init_restarts
     if restarts > 1 and build is None:
         raise ValueError("initialize: init_restarts > 1 needs build()")
-    records, best, best_pair = [], None, None
+    probing = restarts > 1 and config.init_select == "probe"
+    records, pairs, partitions, best = [], [], [], None
     for restart in range(restarts):
         m, g = (model, guide) if restart == 0 else build()
         losses = pretrain_vae(
@@ -258,7 +263,7 @@ def initialize(
                 m, g, x_train[: len(labels)], labels, config.init_fit_epochs, config.batch_size,
                 config.pretrain_lr, config.init_fit_weight, config.mc_samples, shuffle, progress=progress,
             )  # fmt: skip
-        if restarts > 1:
+        if probing:
             probe = probe_start(
                 m, g, x_train, config.init_probe_epochs, config.batch_size, config.lr, config.mc_samples, shuffle,
                 progress=progress,
@@ -269,16 +274,24 @@ def initialize(
                 probe_cluster_entropy=probe["cluster_entropy"] if finite else None,
             )
             if finite and (best is None or probe["loss"] < records[best]["probe_loss"]):
-                best, best_pair = restart, (m, g)  # the seated start: the probe trained copies
+                best = restart
         with status(f"evaluating the start on {len(data.x_test)} test examples", progress):
             record["test_at_init"] = posterior.evaluate(m, g, data)
         records.append(record)
+        if restarts > 1:  # every start is kept until one is chosen (the seated state, not a probe's)
+            pairs.append((m, g))
+            partitions.append(seated["assignments"])
         logger.info("start %d of %d: %s", restart + 1, restarts, record)
-    if restarts > 1 and best is None:
+    if probing and best is None:
         raise NonFiniteLossError(f"the probes of all {restarts} starts diverged; lower --lr")
+    if restarts > 1 and not probing:  # consensus: the start whose partition the others agree with most
+        agreement = consensus_scores(partitions)
+        for record, score in zip(records, agreement, strict=True):
+            record["agreement"] = score
+        best = max(range(restarts), key=agreement.__getitem__)
     if best:  # start 0 was made in model and guide themselves
-        model.load_state_dict(best_pair[0].state_dict())
-        guide.load_state_dict(best_pair[1].state_dict())
+        model.load_state_dict(pairs[best][0].state_dict())
+        guide.load_state_dict(pairs[best][1].state_dict())
     chosen = records[best or 0]
     out = {
         "init": config.init,
@@ -293,6 +306,8 @@ def initialize(
         "test_at_init": chosen["test_at_init"],
     }
     if restarts > 1:
-        out.update(restarts=records, chosen=best, probe_epochs=config.init_probe_epochs)
+        out.update(restarts=records, chosen=best, select=config.init_select)
+        if probing:
+            out["probe_epochs"] = config.init_probe_epochs
     logger.info("initialised (%s): %s", config.init, out)
     return out

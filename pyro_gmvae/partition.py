@@ -8,6 +8,7 @@ McConville et al. 2020), which follows curved manifolds a Gaussian cluster canno
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pyro_gmvae.errors import UserInputError
@@ -70,6 +71,25 @@ def partition_latents(
     with status(where, progress):
         kmeans = KMeans(num_clusters, n_init=10, random_state=seed).fit(points)
     return {"labels": torch.as_tensor(kmeans.labels_, dtype=torch.long), "inertia": float(kmeans.inertia_)}
+
+
+def consensus_scores(partitions: list[torch.Tensor]) -> list[float]:
+    """Each partition's mean adjusted Rand index with the others (all of the same examples).
+
+    The start whose partition scores highest is the most typical of the R: with starts that
+    scatter around one partition and a few outliers, it is the one nearest the middle.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    labels = [np.asarray(p.cpu()) for p in partitions]
+    r = len(labels)
+    if r < 2:
+        return [1.0] * r
+    ari = np.eye(r)
+    for i in range(r):
+        for j in range(i + 1, r):
+            ari[i, j] = ari[j, i] = adjusted_rand_score(labels[i], labels[j])
+    return [float((ari[i].sum() - 1.0) / (r - 1)) for i in range(r)]
 
 
 def number_by_labels(assignments: torch.Tensor, indices: torch.Tensor, classes: torch.Tensor, k: int) -> torch.Tensor:

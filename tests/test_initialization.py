@@ -181,6 +181,48 @@ def test_restarts_keep_the_start_with_the_lowest_probe_objective(tmp_path, monke
     assert min(range(3), key=distances.__getitem__) == 1, distances
 
 
+def test_consensus_keeps_the_start_the_others_agree_with(tmp_path, monkeypatch):
+    """--init-select consensus: no probe; the start with the highest mean ARI to the others is loaded."""
+    import pyro_gmvae.initialization as initialization
+    import pyro_gmvae.partition as partition
+
+    monkeypatch.setattr(initialization, "probe_start", lambda *a, **k: pytest.fail("consensus runs no probe"))
+    n = SMALL["train_subset"]  # every training example is partitioned
+    base = torch.arange(n) % 3
+    first, last = base.clone(), base.clone()  # base with 60 examples moved, at either end
+    first[:60] = (first[:60] + 1) % 3
+    last[-60:] = (last[-60:] + 1) % 3
+    odd = torch.arange(n) * 3 // n  # another partition altogether
+    parts = [first, odd, base, last]  # base, start 2, lies between the two perturbed copies
+    fixed = iter(parts)
+    real = partition.partition_latents
+    monkeypatch.setattr(partition, "partition_latents", lambda *a, **k: {**real(*a, **k), "labels": next(fixed)})
+    config = dict(
+        epochs=1, K=3, init="vae-kmeans", pretrain_epochs=1, init_restarts=4, init_select="consensus", **SMALL
+    )
+    train(Config(out=str(tmp_path / "r"), **config), make_figures=False)
+    record = json.loads((tmp_path / "r" / "init.json").read_text())
+    scores = [r["agreement"] for r in record["restarts"]]
+    assert record["select"] == "consensus" and "probe_epochs" not in record
+    assert scores == pytest.approx(partition.consensus_scores(parts))
+    assert record["chosen"] == max(range(4), key=scores.__getitem__) == 2
+    assert record["test_at_init"] == record["restarts"][2]["test_at_init"]
+
+
+def test_consensus_scores_are_mean_adjusted_rand_indices():
+    from sklearn.metrics import adjusted_rand_score
+
+    from pyro_gmvae.partition import consensus_scores
+
+    rng = np.random.default_rng(0)
+    parts = [torch.as_tensor(rng.integers(0, 4, 50)) for _ in range(4)]
+    parts.append(parts[0].clone())
+    scores = consensus_scores(parts)
+    want = [np.mean([adjusted_rand_score(parts[i], parts[j]) for j in range(5) if j != i]) for i in range(5)]
+    assert scores == pytest.approx(want)
+    assert consensus_scores(parts[:1]) == [1.0]
+
+
 def test_one_restart_runs_no_probe(tmp_path, monkeypatch):
     import pyro_gmvae.initialization as initialization
 
