@@ -113,7 +113,9 @@ GRIDS = {
     ),
     # The batch-balance term (gamma KL(batch mean of p(z|x,w) || pi)) against the drift's
     # growing clusters: python experiments/reproduce.py --grid balance --validation 10000
-    "balance": dict(seeds=1, epochs=6, settings=[dict(DEFAULT, balance_weight=g) for g in (10.0, 100.0)]),
+    "balance": dict(
+        seeds=1, epochs=6, settings=[dict(DEFAULT, balance_weight=g) for g in (10.0, 100.0, 300.0, 1000.0)]
+    ),
     # --labels from the default's start (its clusters numbered by the labelled classes):
     # label weight and epochs chosen on the validation split, then the semisup grid.
     "semisupval": dict(

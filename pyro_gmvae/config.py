@@ -156,7 +156,7 @@ class Config:
         None,
         "--init-restarts: keep the start with the lowest probe objective (probe), or the one whose partition "
         "agrees most with the other starts' (consensus: highest mean adjusted Rand index; no probe) "
-        "(default: probe; consensus for a .npz file)",
+        "(default: probe)",
         choices=("probe", "consensus"),
     )
     init_probe_epochs: int = option(2, "GMVAE epochs each start trains before it is scored", check=positive_int)
