@@ -145,7 +145,8 @@ GRIDS = {
 
 def grid_settings(name: str) -> list[dict]:
     """The grid's settings as complete dicts of Config fields (BASE, the defaults, the changes)."""
-    defaults = {key: getattr(Config(), key) for key in _DEFAULTS}
+    resolved = Config(data="mnist").resolved()  # options without a preset value resolve to their defaults
+    defaults = {key: getattr(resolved, key) for key in _DEFAULTS}
     return [{**BASE, **defaults, **changes} for changes in GRIDS[name]["settings"]]
 
 

@@ -156,7 +156,7 @@ class Config:
         None,
         "--init-restarts: keep the start with the lowest probe objective (probe), or the one whose partition "
         "agrees most with the other starts' (consensus: highest mean adjusted Rand index; no probe) "
-        "(default: probe)",
+        "(default: probe; consensus for a .npz file)",
         choices=("probe", "consensus"),
     )
     init_probe_epochs: int = option(2, "GMVAE epochs each start trains before it is scored", check=positive_int)
@@ -170,10 +170,10 @@ class Config:
     z_prior_weight: float = option(1.0, "eta, weight of the z-prior KL", check=non_negative_number)
     cv_weight: float | None = option(None, "alpha, consistency-violation weight", check=non_negative_number)
     free_bits: float = option(0.0, "lambda, free-bits threshold of the z prior (0: off)", check=non_negative_number)
-    balance_weight: float = option(
-        0.0,
+    balance_weight: float | None = option(
+        None,
         "gamma, weight of KL(minibatch mean of p(z|x,w) || pi) per example: a cluster taking more than its "
-        "share of a batch costs every example (0: off)",
+        "share of a batch costs every example (0: off) (default: 0; 10 for a .npz file)",
         check=non_negative_number,
     )
     seed: int = option(0, "random seed")
@@ -246,8 +246,9 @@ class Config:
         for key, default in preset.items():
             if values.get(key) is None:
                 values[key] = default
-        if values["init_select"] is None:
-            values["init_select"] = "probe"
+        for key, default in (("init_select", "probe"), ("balance_weight", 0.0)):  # the value without a preset
+            if values[key] is None:
+                values[key] = default
         if values["standardize"] is None:  # a user's table of features: put each on the decoder's scale
             gaussian_npz = self.preset_name() == "npz" and values["likelihood"] == "gaussian"
             values["standardize"] = "features" if gaussian_npz else "none"
@@ -299,7 +300,7 @@ class Config:
 REMOVED_KEYS = ("extra",)  # in configs saved by earlier versions; ignored on load
 # Options whose field default is filled per data set (None), with the value a run saved
 # before they existed had in effect.
-ADDED_KEYS = {"standardize": "none", "init_select": "probe"}
+ADDED_KEYS = {"standardize": "none", "init_select": "probe", "balance_weight": 0.0}
 
 
 # --- the command line, derived from the fields ---------------------------------------------
