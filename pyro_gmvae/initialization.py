@@ -238,9 +238,10 @@ def initialize(
     Returns the record written to ``init.json``: pretraining losses, the k-means objective,
     the fit's losses and cross-entropies, and the test metrics of the kept start before any
     GMVAE training, and with R > 1 one such record per start (with its probe score or its
-    agreement; the test metrics there are reported, never used to choose).  ``x_train`` is ``data.x`` already on
-    the training device.  ``anchors`` (``--labels``: labelled indices and their classes)
-    number the partition's clusters by class (:func:`~pyro_gmvae.partition.number_by_labels`).
+    agreement; the test metrics there are reported, never used to choose).  ``x_train`` is
+    ``data.x`` already on the training device.  ``anchors`` (``--labels``: labelled indices
+    and their classes) number the partition's clusters by class
+    (:func:`~pyro_gmvae.partition.number_by_labels`).
     """
     t0 = time.perf_counter()
     restarts = config.init_restarts
