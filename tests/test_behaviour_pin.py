@@ -1,5 +1,6 @@
 """The spiral default is pinned: the same seed gives the same per-epoch metrics.jsonl as the
-recorded run, in every key but timings.  Recorded again when training's Adam became the
+recorded run, in every key but timings (init.json gained its "select" key, the rule that
+chose among the restarts, without a new recording).  Recorded again when training's Adam became the
 fused kernel (issue 16), whose float32 rounding differs from the unfused one's, so the
 trajectories part; the compiled ELBO step equals the eager one bit for bit
 (tests/test_compiled_elbo.py) and changed nothing here.
