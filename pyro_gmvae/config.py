@@ -173,7 +173,7 @@ class Config:
     balance_weight: float | None = option(
         None,
         "gamma, weight of KL(minibatch mean of p(z|x,w) || pi) per example: a cluster taking more than its "
-        "share of a batch costs every example (0: off) (default: 0; 10 for a .npz file)",
+        "share of a batch costs every example (0: off) (default: 0; 10 for a .npz file without --labels)",
         check=non_negative_number,
     )
     seed: int = option(0, "random seed")
@@ -254,6 +254,8 @@ class Config:
             values["standardize"] = "features" if gaussian_npz else "none"
         if values["labels"] and self.init is None:  # the labels order the components: no vae-* start
             values["init"] = "random"
+        if values["labels"] and self.balance_weight is None:  # nor a balance term chosen for unlabelled starts
+            values["balance_weight"] = 0.0
         if values["init"] == "random":  # a preset's restarts and fit go with its --init vae-*
             for key, off in (("init_restarts", 1), ("init_fit_epochs", 0)):
                 if getattr(self, key) is None:

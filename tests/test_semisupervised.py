@@ -219,6 +219,15 @@ def test_labels_start_at_random_unless_told():
     assert Config(data="mnist").resolved().init == "vae-umap"
 
 
+def test_labels_turn_the_npz_balance_term_off_unless_told():
+    from pyro_gmvae.autoconfig import npz_defaults
+
+    auto = npz_defaults(np.random.default_rng(0).normal(size=(300, 4)), 3)
+    assert Config(data="my.npz").resolved(auto).balance_weight == 10.0
+    assert Config(data="my.npz", labels=30).resolved(auto).balance_weight == 0.0
+    assert Config(data="my.npz", labels=30, balance_weight=2.0).resolved(auto).balance_weight == 2.0
+
+
 def test_number_by_labels_renumbers_clusters_to_classes():
     from pyro_gmvae.partition import number_by_labels
 
