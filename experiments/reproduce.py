@@ -62,7 +62,7 @@ BASE = dict(
 )  # fmt: skip
 _DEFAULTS = (
     "mc_samples", "guide", "z_prior_weight", "free_bits", "init_probe_epochs", "init_fit_weight", "prior",
-    "balance_weight",
+    "balance_weight", "prior_lr",
 )  # fmt: skip
 SMALL = dict(hidden_dim=64, x_dim=8, w_dim=8, batch_size=50)
 KMEANS = dict(init="vae-kmeans")
@@ -116,6 +116,10 @@ GRIDS = {
     "balance": dict(
         seeds=1, epochs=6, settings=[dict(DEFAULT, balance_weight=g) for g in (10.0, 100.0, 300.0, 1000.0)]
     ),
+    # The prior network's own learning rate against the drift: the mixture refitted faster
+    # than the embedding moves (lr 1e-4 / prior 1e-3), or to a nearly fixed embedding (lr 1e-5 /
+    # prior 1e-4): python experiments/reproduce.py --grid priorlr --validation 10000
+    "priorlr": dict(seeds=1, epochs=6, settings=[dict(DEFAULT, prior_lr=1e-3), dict(DEFAULT, lr=1e-5, prior_lr=1e-4)]),
     # --labels from the default's start (its clusters numbered by the labelled classes):
     # label weight and epochs chosen on the validation split, then the semisup grid.
     "semisupval": dict(
@@ -171,6 +175,8 @@ def setting_name(s: dict, train_subset: int | None, validation: int | None = Non
         name += f"-{s['prior']}"
     if s.get("balance_weight"):
         name += f"-bal{s['balance_weight']:g}"
+    if s.get("prior_lr") is not None:
+        name += f"-plr{s['prior_lr']:g}"
     if s.get("labels"):
         name += f"-labels{s['labels']}w{s.get('label_weight', 1.0):g}"
     if s.get("pseudo_labels"):

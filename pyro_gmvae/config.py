@@ -131,6 +131,13 @@ class Config:
         check=positive_number,
         optional=True,
     )
+    prior_lr: float | None = option(
+        None,
+        "Adam learning rate of the prior network (mu_k(w), sigma_k(w)) in the GMVAE phase, scaled with --lr by "
+        "--lr-final; the encoder and decoder keep --lr (default: --lr)",
+        check=positive_number,
+        optional=True,
+    )
     mc_samples: int = option(1, "M, Monte Carlo samples of (x, w) per example", check=positive_int)
     elbo: str = option(
         "compiled",

@@ -46,8 +46,9 @@ def adam(params, lr: float) -> torch.optim.Adam:
     under ``experiments/results`` (and the behaviour pins) reproducible bit for bit: the
     fused kernel rounds differently in float32.
     """
-    params = list(params)
-    fused = bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
+    params = list(params)  # tensors, or parameter groups (dicts) as torch.optim takes them
+    flat = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+    fused = bool(flat) and all(p.device.type == "cuda" and p.is_floating_point() for p in flat)
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
@@ -115,9 +116,9 @@ def run_epoch(
         before each ``optimizer.step()``.  Either way the parameters are left as they were
         before the first bad step, and the error names that step.
     """
-    if lr is not None:
+    if lr is not None:  # a group with an "lr_scale" (--prior-lr) keeps its ratio to lr
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     on_device = all(group.get("fused") for group in optimizer.param_groups)
     perm = torch.randperm(len(x), generator=generator).to(x.device)

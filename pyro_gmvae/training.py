@@ -52,6 +52,21 @@ def epoch_lr(config: Config, epoch: int) -> float:
     return config.lr_final + 0.5 * (config.lr - config.lr_final) * (1 + math.cos(math.pi * progress))
 
 
+def parameter_groups(model, loss_fn, config: Config) -> list:
+    """What the GMVAE phase's Adam steps: every parameter at --lr, or with ``config.prior_lr``
+    two groups, the rest at --lr and the prior network's at prior_lr, whose ``lr_scale``
+    (prior_lr / lr) keeps the ratio when :func:`epoch_lr` changes the learning rate."""
+    params = list(loss_fn.parameters())
+    if config.prior_lr is None:
+        return params
+    prior = {id(p) for p in model.prior.parameters()}
+    scale = config.prior_lr / config.lr
+    return [
+        {"params": [p for p in params if id(p) not in prior]},
+        {"params": [p for p in params if id(p) in prior], "lr": config.prior_lr, "lr_scale": scale},
+    ]
+
+
 def kl_weight(config: Config, epoch: int) -> float:
     """KL warm-up's beta: epoch / (kl_warmup + 1) for the first ``kl_warmup`` epochs, then 1."""
     return 1.0 if epoch > config.kl_warmup else epoch / (config.kl_warmup + 1)
@@ -258,8 +273,10 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
     if split is not None:  # --labels: the unlabelled ELBO plus the labelled one, in one module DDP can wrap
         loss_fn = semisupervised.SemiSupervisedLoss(loss_fn, model, guide, config.mc_samples, config.label_weight)
     step_loss = distributed.wrap(loss_fn, info, device)  # DDP over the ELBO module, or loss_fn
-    optimizer = adam(loss_fn.parameters(), config.lr)
+    optimizer = adam(parameter_groups(model, loss_fn, config), config.lr)
     history, start_epoch = _restore(state, model, guide, optimizer, shuffle)
+    if config.prior_lr is not None:  # a --prior-lr given on resume takes effect, as --lr does
+        optimizer.param_groups[1]["lr_scale"] = config.prior_lr / config.lr
     if info.enabled:  # same init on every rank; Monte Carlo noise of its own per rank
         pyro.set_rng_seed(distributed.rank_seed(config.seed, info.rank, start_epoch))
     folder.open(config, history, replace=overwrite and state is None)
