@@ -32,8 +32,8 @@ class GMVAE(PyroModule):
 
     plus one ``pyro.factor("regularizer", ...)`` carrying ``-(eta - 1) z_prior - alpha cv -
     gamma balance`` of the exact cluster posterior p(z | x, w) (balance: KL of the batch's mean
-    p(z | x, w) to pi, the same for every example of the batch), and during KL warm-up (``kl_weight`` < 1) one
-    ``pyro.factor("kl_warmup", ...)``.
+    p(z | x, w) to pi, the same for every example of the batch), and during KL warm-up
+    (``kl_weight`` < 1) one ``pyro.factor("kl_warmup", ...)``.
 
     The model never asks which guide it is paired with.  Its regulariser is the one of
     ``regularization``, applied to p(z | x, w); a guide whose cluster posterior r is its
@@ -96,7 +96,7 @@ class GMVAE(PyroModule):
 
     @property
     def has_regularizer(self) -> bool:
-        """Whether the model issues the ``"regularizer"`` factor at all (eta, alpha, lambda)."""
+        """Whether the model issues the ``"regularizer"`` factor at all (eta, alpha, lambda, gamma)."""
         reg = self.regularization
         return reg.cv_weight > 0 or reg.touches_z_prior or reg.balance_weight > 0
 

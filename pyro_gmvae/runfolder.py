@@ -86,6 +86,12 @@ def check_compatible(saved: dict, config: Config) -> None:
         raise UserInputError(
             "cannot resume: " + "; ".join(diffs) + "; drop these flags to resume, or start a new run in another --out"
         )
+    if (saved.get("prior_lr") is None) != (config.prior_lr is None):  # the optimiser's groups differ
+        raise UserInputError(
+            f"cannot resume: --prior-lr {config.prior_lr!r} but the checkpoint has {saved.get('prior_lr')!r}; "
+            "--prior-lr gives the prior network an optimiser group of its own, so it can be changed on resume "
+            "but not added or dropped; start a new run in another --out"
+        )
 
 
 class RunFolder:

@@ -86,6 +86,19 @@ def test_resume_with_fewer_epochs_than_done_is_refused(tmp_path):
         train(Config(epochs=1, out=str(tmp_path), **SMALL), resume=True, make_figures=False)
 
 
+def test_resume_with_prior_lr_is_bit_identical_and_cannot_add_it(tmp_path):
+    """--prior-lr's second parameter group resumes bit for bit; adding it on resume is refused."""
+    flags = dict(prior_lr=1e-3, **SMALL)
+    train(Config(epochs=4, out=str(tmp_path / "one"), **flags), make_figures=False)
+    train(Config(epochs=2, out=str(tmp_path / "two"), **flags), make_figures=False)
+    train(Config(epochs=4, out=str(tmp_path / "two"), **flags), resume=True, make_figures=False)
+    _assert_same_checkpoints(tmp_path / "one", tmp_path / "two")
+
+    train(Config(epochs=1, out=str(tmp_path / "plain"), **SMALL), make_figures=False)
+    with pytest.raises(UserInputError, match="cannot resume: --prior-lr 0.001 but the checkpoint has None"):
+        train(Config(epochs=2, out=str(tmp_path / "plain"), **flags), resume=True, make_figures=False)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     return subprocess.run(
