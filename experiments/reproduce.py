@@ -218,6 +218,8 @@ def run_cell(setting: dict, seed: int, epochs: int, out: Path, args, source: Pat
         )
         resume = (out / CHECKPOINT_NAME).is_file()
         print(f"  {out.name}: {'resuming' if resume else 'training'} to {epochs} epochs", flush=True)
+        if args.threads:  # every cell at --threads, whatever an earlier cell's libraries set
+            torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
         # One load of MNIST for the whole grid; train() slices its own shallow copy.
         if args.cache is None:

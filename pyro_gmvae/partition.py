@@ -38,9 +38,16 @@ def _umap_embedding(points, seed: int):
         random_state=seed,
         n_jobs=1,
     )
-    with warnings.catch_warnings():  # "n_jobs overridden by random_state" and friends
-        warnings.simplefilter("ignore")
-        return reducer.fit_transform(points)
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():  # "n_jobs overridden by random_state" and friends
+            warnings.simplefilter("ignore")
+            return reducer.fit_transform(points)
+    finally:
+        # numba's first start widens torch's OpenMP pool to every core: the rest of the run
+        # (and a caller's later runs) would train with another thread count, which changes
+        # float32 sums, so the same seed would give other numbers after the first partition.
+        torch.set_num_threads(threads)
 
 
 def partition_latents(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -221,6 +224,23 @@ def test_consensus_scores_are_mean_adjusted_rand_indices():
     want = [np.mean([adjusted_rand_score(parts[i], parts[j]) for j in range(5) if j != i]) for i in range(5)]
     assert scores == pytest.approx(want)
     assert consensus_scores(parts[:1]) == [1.0]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="numba widens the pool to every core: needs two")
+def test_umap_leaves_torchs_thread_count_alone():
+    """In a fresh process (numba not started), a partition by UMAP keeps torch at one thread
+    (before the fix: 2 after UMAP of 400 points in 200 dimensions, on two cores)."""
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from pyro_gmvae.partition import partition_latents\n"
+        "partition_latents(torch.randn(400, 200), 3, seed=0, method='umap')\n"
+        "print(torch.get_num_threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "PASSIVE"},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "1"
 
 
 def test_one_restart_runs_no_probe(tmp_path, monkeypatch):
