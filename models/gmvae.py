@@ -14,6 +14,7 @@ from pyro_gmvae.objective import (
     cluster_log_posterior,
     entropy,
     kl_categorical,
+    log_component_densities,
     posterior_from_densities,
     z_prior_adjustment,
 )
@@ -110,15 +111,15 @@ class GMVAE(PyroModule):
         ``log_components`` (..., K), log N(x; mu_k(w), sigma_k(w)), saves recomputing them.
         """
         reg = self.regularization
+        log_pi = self.prior.cluster_log_weights()
         if log_components is None:
-            log_r = self.cluster_log_posterior(x, w)
-        else:
-            log_r = posterior_from_densities(self.prior.cluster_log_weights(), log_components)
+            log_components = log_component_densities(*self.prior.components(w), x)
+        log_r = posterior_from_densities(log_pi, log_components)
         value = -reg.cv_weight * entropy(log_r)
         if reg.touches_z_prior:
-            value = value + z_prior_adjustment(kl_categorical(log_r, self.prior.cluster_log_weights()), reg)
+            value = value + z_prior_adjustment(kl_categorical(log_r, log_pi), reg)
         if reg.balance_weight > 0:
-            value = value - reg.balance_weight * balance_kl(log_r, self.prior.cluster_log_weights()).unsqueeze(-1)
+            value = value - reg.balance_weight * balance_kl(log_r, log_pi).unsqueeze(-1)
         return value
 
     # --- the model ------------------------------------------------------------------

@@ -45,6 +45,9 @@ DATA_PRESETS = {
         "npz": ("fc", "gaussian", 10, 10, 10, 256, 100, 0.0, 50, 1e-3, 0, "random", 3, 1, 0),
     }.items()
 }
+# Options a .npz file's automatic defaults set but no static preset does: their value
+# everywhere else (and in runs saved before they existed).
+UNPRESET_DEFAULTS = {"init_select": "probe", "balance_weight": 0.0}
 INITS = ("random", "vae-kmeans", "vae-umap")
 ELBO_MODES = ("compiled", "eager")
 
@@ -253,7 +256,7 @@ class Config:
         for key, default in preset.items():
             if values.get(key) is None:
                 values[key] = default
-        for key, default in (("init_select", "probe"), ("balance_weight", 0.0)):  # the value without a preset
+        for key, default in UNPRESET_DEFAULTS.items():
             if values[key] is None:
                 values[key] = default
         if values["standardize"] is None:  # a user's table of features: put each on the decoder's scale
@@ -309,7 +312,7 @@ class Config:
 REMOVED_KEYS = ("extra",)  # in configs saved by earlier versions; ignored on load
 # Options whose field default is filled per data set (None), with the value a run saved
 # before they existed had in effect.
-ADDED_KEYS = {"standardize": "none", "init_select": "probe", "balance_weight": 0.0}
+ADDED_KEYS = {"standardize": "none", **UNPRESET_DEFAULTS}
 
 
 # --- the command line, derived from the fields ---------------------------------------------

@@ -164,7 +164,11 @@ def _restore(state: dict | None, model, guide, optimizer, shuffle) -> tuple[list
         return [], 0
     model.load_state_dict(state["model"])
     guide.load_state_dict(state["guide"])
+    scales = [group.get("lr_scale") for group in optimizer.param_groups]  # this config's --prior-lr ratio
     optimizer.load_state_dict(state["optimizer"])
+    for group, scale in zip(optimizer.param_groups, scales, strict=True):  # wins, as --lr given on resume does
+        if scale is not None:
+            group["lr_scale"] = scale
     set_rng_state(state["rng"], shuffle)
     return list(state["history"]), state["epoch"]
 
@@ -275,8 +279,6 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
     step_loss = distributed.wrap(loss_fn, info, device)  # DDP over the ELBO module, or loss_fn
     optimizer = adam(parameter_groups(model, loss_fn, config), config.lr)
     history, start_epoch = _restore(state, model, guide, optimizer, shuffle)
-    if config.prior_lr is not None:  # a --prior-lr given on resume takes effect, as --lr does
-        optimizer.param_groups[1]["lr_scale"] = config.prior_lr / config.lr
     if info.enabled:  # same init on every rank; Monte Carlo noise of its own per rank
         pyro.set_rng_seed(distributed.rank_seed(config.seed, info.rank, start_epoch))
     folder.open(config, history, replace=overwrite and state is None)
