@@ -141,11 +141,11 @@ def run_epoch(
             objective = loss if term is None else loss + extra_weight * term
             if objective.requires_grad:
                 objective.backward()
-            finite = _all_finite([objective.detach(), *(p.grad for p in params if p.grad is not None)])
+            checked = [objective.detach(), *(p.grad for p in params if p.grad is not None)]
             if on_device:  # the fused kernel skips the update while found_inf is 1: no host sync
-                bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
+                bad_step = torch.where((bad_step < 0) & ~_all_finite(checked), step, bad_step)
                 optimizer.found_inf = (bad_step >= 0).to(torch.float32)
-            elif not finite:  # a host read, free on the CPU
+            elif not _host_all_finite(checked):  # a host read, free on the CPU
                 _raise_non_finite(step, x[idx], bar, epoch, explain)
             optimizer.step()
             total += loss.detach() if term is None else torch.stack([loss.detach(), term.detach()])
@@ -166,9 +166,8 @@ def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     One read of each tensor, its sum: a NaN or an infinity makes the sum non-finite.  A
     sum can also overflow with every entry finite (entries near the float32 limit,
     3.4e38), which reports the step as non-finite too; a sum of squares (the norm) would
-    do that from 1.8e19 on, and reads no less.  Called after every training step on the
-    loss and all gradients (about 15 MB for the MNIST network), so it is the cheapest
-    check that reads everything.
+    do that from 1.8e19 on.  The guard of a fused optimiser's steps (a device flag, no host
+    read) and the confirmation of :func:`_host_all_finite`.
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
@@ -176,6 +175,22 @@ def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     if len({(s.device, s.dtype) for s in sums}) == 1:
         return torch.isfinite(torch.stack(sums)).all()
     return torch.stack([torch.isfinite(s).to(tensors[0].device) for s in sums]).all()
+
+
+def _host_all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Every entry of every tensor is finite: the guard of a step checked from the host.
+
+    The same answer as :func:`_all_finite` in half its time on the CPU: one multi-tensor
+    pass (``torch._foreach_norm``) instead of a reduction kernel per tensor.  A sum of
+    squares overflows from about 1.8e19 in float32, so a non-finite norm is confirmed by
+    :func:`_all_finite` before the step is called non-finite: a step with finite gradients
+    that large is not refused.
+    """
+    if not tensors:
+        return True
+    if bool(torch.isfinite(torch.stack([n.to(tensors[0]) for n in torch._foreach_norm(tensors)])).all()):
+        return True
+    return bool(_all_finite(tensors))
 
 
 def _raise_non_finite(step: int, y: torch.Tensor, bar, epoch, explain) -> None:

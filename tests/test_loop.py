@@ -127,15 +127,20 @@ def test_pyros_invalid_values_error_is_a_non_finite_step():
         run_epoch(loss_fn, optimizer, torch.full((4, 3), float("nan")), 2, torch.Generator())
 
 
-def test_the_finiteness_check_reads_every_entry_on_one_or_mixed_dtypes():
-    from pyro_gmvae.loop import _all_finite
+@pytest.mark.parametrize("check", ["device", "host"])
+def test_the_finiteness_check_reads_every_entry_on_one_or_mixed_dtypes(check):
+    from pyro_gmvae.loop import _all_finite, _host_all_finite
 
+    all_finite = (lambda ts: bool(_all_finite(ts))) if check == "device" else _host_all_finite
     grads = [torch.ones(3), torch.ones(2, 2)]
-    assert _all_finite(grads) and _all_finite([]) and _all_finite([torch.ones(3), torch.ones(2).double()])
+    assert all_finite(grads) and all_finite([]) and all_finite([torch.ones(3), torch.ones(2).double()])
     for bad in (float("nan"), float("inf"), -float("inf")):
         grads[1][1, 0] = bad
-        assert not _all_finite(grads) and not _all_finite([*grads, torch.ones(2).double()])
+        assert not all_finite(grads) and not all_finite([*grads, torch.ones(2).double()])
+        assert not all_finite([torch.ones(()), torch.ones(2).double(), *grads])
     # +inf and -inf in one tensor sum to NaN: still caught
-    assert not _all_finite([torch.tensor([float("inf"), -float("inf")])])
+    assert not all_finite([torch.tensor([float("inf"), -float("inf")])])
     # a sum that overflows although every entry is finite counts as non-finite (documented)
-    assert not _all_finite([torch.full((4,), 3e38)]) and _all_finite([torch.full((4,), 3e37)])
+    assert not all_finite([torch.full((4,), 3e38)]) and all_finite([torch.full((4,), 3e37)])
+    # the host check's norm overflows from 1.8e19: its confirmation keeps such a step
+    assert all_finite([torch.full((4,), 1e19)]) and all_finite([torch.full((4,), 1e200, dtype=torch.float64)])
