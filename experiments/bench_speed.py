@@ -22,7 +22,8 @@ Adam as training makes it (:func:`pyro_gmvae.loop.adam`: torch's default kernel 
 
 Before timing, the script checks in float64 that the eager and compiled sides give the
 reference's loss and gradients on the same random draws.  The sides are then timed
-interleaved (compiled, eager, reference_loop, reference, compiled, ...) in one process after warm-up, so
+interleaved (compiled, eager, reference_loop, reference, then eager, ..., compiled: each
+round starts one side later) in one process after warm-up, so
 machine noise (other jobs on shared cores) hits them alike; a ratio is
 median(side) / median(reference), and the fixed per-step overhead is
 median(side) - median(reference) at batch 8, where the arithmetic is smallest.
@@ -221,7 +222,7 @@ def _sync(device):
 
 
 def time_interleaved(steps: dict, device, batch: int, warmup: int, min_steps: int, max_steps: int, budget_s: float):
-    """Median step times of step functions run in turn (A B C A B C ...) after warm-up.
+    """Median step times of step functions run in turn (A B C, B C A, C A B, ...) after warm-up.
 
     ``steps`` maps names to zero-argument callables; the last is the reference of every
     ratio.  Per side: ``ratio`` = median / median(reference), ``ratio_pairwise_median``
@@ -241,8 +242,14 @@ def time_interleaved(steps: dict, device, batch: int, warmup: int, min_steps: in
     times = {name: [] for name, _ in items}
     cpu = {name: [] for name, _ in items}
     start = time.perf_counter()
+    rounds = 0
     while len(times[items[0][0]]) < max_steps:
-        for name, step in items:
+        # Each round starts one side later (A B C, B C A, C A B, ...): every side follows every
+        # other equally often, so what one step leaves behind (freed memory, cold caches)
+        # does not always land on the same next side.
+        turn = rounds % len(items)
+        rounds += 1
+        for name, step in items[turn:] + items[:turn]:
             c0, t0 = time.process_time(), time.perf_counter()
             step()
             _sync(device)
