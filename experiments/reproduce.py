@@ -120,6 +120,10 @@ GRIDS = {
     # than the embedding moves (lr 1e-4 / prior 1e-3), or to a nearly fixed embedding (lr 1e-5 /
     # prior 1e-4): python experiments/reproduce.py --grid priorlr --validation 10000
     "priorlr": dict(seeds=1, epochs=6, settings=[dict(DEFAULT, prior_lr=1e-3), dict(DEFAULT, lr=1e-5, prior_lr=1e-4)]),
+    # The v1 guide (z from a classifier head q(z|y) on the image, not from Bayes' rule in the
+    # mixture) from the default's start, against the drift: python experiments/reproduce.py
+    # --grid guide --validation 10000
+    "guide": dict(seeds=1, epochs=6, settings=[dict(DEFAULT, guide="v1")]),
     # --labels from the default's start (its clusters numbered by the labelled classes):
     # label weight and epochs chosen on the validation split, then the semisup grid.
     "semisupval": dict(
