@@ -248,7 +248,8 @@ def initialize(
     if restarts > 1 and build is None:
         raise ValueError("initialize: init_restarts > 1 needs build()")
     probing = restarts > 1 and config.init_select == "probe"
-    records, pairs, partitions, best = [], [], [], None
+    records, partitions, best = [], [], None
+    kept = {}  # restart -> (model, guide) of the starts that can still be chosen
     for restart in range(restarts):
         m, g = (model, guide) if restart == 0 else build()
         losses = pretrain_vae(
@@ -279,9 +280,11 @@ def initialize(
         with status(f"evaluating the start on {len(data.x_test)} test examples", progress):
             record["test_at_init"] = posterior.evaluate(m, g, data)
         records.append(record)
-        if restarts > 1:  # every start is kept until one is chosen (the seated state, not a probe's)
-            pairs.append((m, g))
+        if restarts > 1:  # the seated state (not a probe's) of every start that can still be chosen
+            kept[restart] = (m, g)
             partitions.append(seated["assignments"])
+            if probing:  # only the best probe so far can be chosen: the others are dropped now
+                kept = {r: pair for r, pair in kept.items() if r == best}
         logger.info("start %d of %d: %s", restart + 1, restarts, record)
     if probing and best is None:
         raise NonFiniteLossError(f"the probes of all {restarts} starts diverged; lower --lr")
@@ -291,8 +294,8 @@ def initialize(
             record["agreement"] = score
         best = max(range(restarts), key=agreement.__getitem__)
     if best:  # start 0 was made in model and guide themselves
-        model.load_state_dict(pairs[best][0].state_dict())
-        guide.load_state_dict(pairs[best][1].state_dict())
+        model.load_state_dict(kept[best][0].state_dict())
+        guide.load_state_dict(kept[best][1].state_dict())
     chosen = records[best or 0]
     out = {
         "init": config.init,
