@@ -384,8 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.cache = None
     grid = GRIDS[args.grid]
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.train_subset = args.train_subset or grid.get("train_subset")
     args.test_subset = args.test_subset or grid.get("test_subset")
     epochs = args.epochs or grid["epochs"]
