@@ -59,6 +59,7 @@ PAPER_BASELINES = "DEC 84.30 (K=10); AAE 90.45 +- 2.05 (K=16), 95.90 +- 1.13 (K=
 BASE = dict(
     data="mnist", network="fc", likelihood="bernoulli", hidden_dim=500, x_dim=200, w_dim=150, K=10, lr=1e-3,
     batch_size=256, cv_weight=0.0, kl_warmup=0, init="random", pretrain_epochs=3, init_restarts=1, init_fit_epochs=0,
+    augment_weight=0.0,
 )  # fmt: skip
 _DEFAULTS = (
     "mc_samples", "guide", "z_prior_weight", "free_bits", "init_probe_epochs", "init_fit_weight", "prior",
@@ -124,6 +125,10 @@ GRIDS = {
     # mixture) from the default's start, against the drift: python experiments/reproduce.py
     # --grid guide --validation 10000
     "guide": dict(seeds=1, epochs=6, settings=[dict(DEFAULT, guide="v1")]),
+    # The augmentation-consistency term (an image and a moved copy share a cluster) in the
+    # default's GMVAE phase, its weight and epochs chosen on the validation split:
+    # python experiments/reproduce.py --grid augment --validation 10000
+    "augment": dict(seeds=1, epochs=20, settings=[dict(DEFAULT, augment_weight=a) for a in (10.0, 30.0)]),
     # --labels from the default's start (its clusters numbered by the labelled classes):
     # label weight and epochs chosen on the validation split, then the semisup grid.
     "semisupval": dict(
@@ -181,6 +186,8 @@ def setting_name(s: dict, train_subset: int | None, validation: int | None = Non
         name += f"-bal{s['balance_weight']:g}"
     if s.get("prior_lr") is not None:
         name += f"-plr{s['prior_lr']:g}"
+    if s.get("augment_weight"):
+        name += f"-aug{s['augment_weight']:g}"
     if s.get("labels"):
         name += f"-labels{s['labels']}w{s.get('label_weight', 1.0):g}"
     if s.get("pseudo_labels"):

@@ -35,14 +35,14 @@ PRESET = "data preset"  # the default shown for options a preset fills
 # setting (conv, K 14, lr 1e-4, batch 50, 100 epochs) is not measured here.  npz: a user's
 # file, small fully connected defaults.
 _NETWORK = ("network", "likelihood", "x_dim", "w_dim", "K", "hidden_dim", "batch_size", "cv_weight", "epochs", "lr")
-_START = ("kl_warmup", "init", "pretrain_epochs", "init_restarts", "init_fit_epochs")
+_START = ("kl_warmup", "init", "pretrain_epochs", "init_restarts", "init_fit_epochs", "augment_weight")
 DATA_PRESETS = {
     name: dict(zip(_NETWORK + _START, values, strict=True))
     for name, values in {
-        "spiral": ("fc", "gaussian", 2, 2, 8, 100, 200, 2.0, 60, 3e-3, 0, "random", 3, 1, 0),
-        "mnist": ("fc", "bernoulli", 200, 150, 10, 500, 256, 2.0, 20, 1e-4, 0, "vae-umap", 10, 1, 3),
-        "svhn": ("conv", "bernoulli", 200, 150, 10, 500, 128, 0.0, 100, 1e-4, 0, "random", 3, 1, 0),
-        "npz": ("fc", "gaussian", 10, 10, 10, 256, 100, 0.0, 50, 1e-3, 0, "random", 3, 1, 0),
+        "spiral": ("fc", "gaussian", 2, 2, 8, 100, 200, 2.0, 60, 3e-3, 0, "random", 3, 1, 0, 0.0),
+        "mnist": ("fc", "bernoulli", 200, 150, 10, 500, 256, 2.0, 20, 1e-4, 0, "vae-umap", 10, 1, 3, 0.0),
+        "svhn": ("conv", "bernoulli", 200, 150, 10, 500, 128, 0.0, 100, 1e-4, 0, "random", 3, 1, 0, 0.0),
+        "npz": ("fc", "gaussian", 10, 10, 10, 256, 100, 0.0, 50, 1e-3, 0, "random", 3, 1, 0, 0.0),
     }.items()
 }
 # Options a .npz file's automatic defaults set but no static preset does: their value
@@ -186,6 +186,13 @@ class Config:
         "share of a batch costs every example (0: off) (default: 0; 10 for a .npz file without --labels)",
         check=non_negative_number,
     )
+    augment_weight: float | None = option(
+        None,
+        "weight of the augmentation-consistency term -log sum_k r(k|y) r(k|y') per example, added to the loss "
+        "of the GMVAE phase: y' is a copy of image y rotated by up to 10 degrees, scaled by 0.9-1.1 and "
+        "shifted by up to 2 pixels, and an image and its moved copy should share a cluster (images only; 0: off)",
+        check=non_negative_number,
+    )
     seed: int = option(0, "random seed")
     device: str = option("cpu", "cpu, cuda or cuda:N")
     out: str | None = option(None, "run folder (default: a fresh runs/<data>-<guide>-K<K>-seed<seed>-<N>)")
@@ -312,7 +319,7 @@ class Config:
 REMOVED_KEYS = ("extra",)  # in configs saved by earlier versions; ignored on load
 # Options whose field default is filled per data set (None), with the value a run saved
 # before they existed had in effect.
-ADDED_KEYS = {"standardize": "none", **UNPRESET_DEFAULTS}
+ADDED_KEYS = {"standardize": "none", "augment_weight": 0.0, **UNPRESET_DEFAULTS}
 
 
 # --- the command line, derived from the fields ---------------------------------------------

@@ -21,7 +21,7 @@ import traceback
 import pyro
 import torch
 
-from pyro_gmvae import binarize, distributed, faults, posterior, semisupervised
+from pyro_gmvae import augment, binarize, distributed, faults, posterior, semisupervised
 from pyro_gmvae.autoconfig import kmeans_baseline, npz_defaults
 from pyro_gmvae.build import build_model_and_guide
 from pyro_gmvae.config import DATA_PRESETS, Config
@@ -132,6 +132,8 @@ def _prepare(config: Config, resume: bool, overwrite: bool, data: Dataset | None
     folder = None
     try:
         distributed.per_rank_batch(config.batch_size, info)  # --batch-size is the global batch
+        if info.enabled and config.augment_weight:  # its term is outside the module DDP wraps
+            raise UserInputError("--augment-weight does not run under torchrun yet; pass --augment-weight 0")
         if config.out is None:  # a fresh numbered folder, named by rank 0 for every rank
             new = lambda: RunFolder.create_default(config) if info.is_main else None  # noqa: E731
             folder = distributed.raise_together(new, info)
@@ -277,6 +279,8 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
     if split is not None:  # --labels: the unlabelled ELBO plus the labelled one, in one module DDP can wrap
         loss_fn = semisupervised.SemiSupervisedLoss(loss_fn, model, guide, config.mc_samples, config.label_weight)
     step_loss = distributed.wrap(loss_fn, info, device)  # DDP over the ELBO module, or loss_fn
+    # --augment-weight: -log P(an image and a moved copy share a cluster), beside the ELBO
+    consistency = augment.ConsistencyTerm(model, guide, shuffle) if config.augment_weight else None
     optimizer = adam(parameter_groups(model, loss_fn, config), config.lr)
     history, start_epoch = _restore(state, model, guide, optimizer, shuffle)
     if info.enabled:  # same init on every rank; Monte Carlo noise of its own per rank
@@ -312,6 +316,8 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
             config.batch_size,
             shuffle,
             lr=epoch_lr(config, epoch),  # every epoch, so a --lr given on resume takes effect
+            extra_loss=consistency,
+            extra_weight=config.augment_weight,
             batch_indices=lambda perm, step, size: distributed.shard(perm, step, size, info),
             bar=bar,
             epoch=epoch,
@@ -319,7 +325,11 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         )
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "kl_weight": beta}
-        row["train_loss"] = float(distributed.all_reduce_mean(total, info)) / steps
+        total = distributed.all_reduce_mean(total, info)
+        if consistency is None:
+            row["train_loss"] = float(total) / steps
+        else:  # the ELBO's loss and the consistency term, each a mean per example
+            row["train_loss"], row["augment"] = float(total[0]) / steps, float(total[1]) / steps
         if not info.is_main:  # rank 0 evaluates and writes the run folder
             continue
         bar.set_postfix_str(f"evaluating on {len(data.x_test)} test examples")

@@ -100,6 +100,8 @@ CASES = [
     ("z-prior-weight-negative", ["--z-prior-weight", "-1"], None, ["--z-prior-weight", ">= 0"]),
     ("mc-samples-zero", ["--mc-samples", "0"], None, ["--mc-samples", "positive"]),
     ("free-bits-negative", ["--free-bits", "-0.5"], None, ["--free-bits", ">= 0"]),
+    ("augment-weight-negative", ["--augment-weight", "-1"], None, ["--augment-weight", ">= 0"]),
+    ("augment-on-vectors", ["--augment-weight", "1"], None, ["--augment-weight", "(2,)", "images"]),
     SLOW("lr-zero", ["--lr", "0"], None, ["--lr", "positive"]),
     ("unknown-data", ["--data", "cifar"], None, ["cifar", "spiral", "mnist", "svhn", ".npz"]),
     ("unknown-network", ["--network", "resnet"], None, ["--network", "resnet", "conv", "fc"]),
