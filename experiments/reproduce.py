@@ -131,6 +131,11 @@ GRIDS = {
     "augment": dict(seeds=1, epochs=20, settings=[dict(DEFAULT, augment_weight=10.0)]),
     # Weight 10 held the start without adding to it: stronger weights, 10 epochs each.
     "augmentmore": dict(seeds=1, epochs=10, settings=[dict(DEFAULT, augment_weight=a) for a in (30.0, 100.0)]),
+    # The default with the augmentation-consistency term at the weight and epochs the
+    # validation split chose (grids augment, augmentmore: weight 100 was highest at epoch 10),
+    # scored once on the test split, K = 10 and K = 16.
+    "k10augment": dict(seeds=5, epochs=10, settings=[dict(DEFAULT, augment_weight=100.0)]),
+    "k16augment": dict(seeds=3, epochs=10, settings=[dict(DEFAULT, K=16, augment_weight=100.0)]),
     # --labels from the default's start (its clusters numbered by the labelled classes):
     # label weight and epochs chosen on the validation split, then the semisup grid.
     "semisupval": dict(
