@@ -40,7 +40,7 @@ def test_rotation_turns_about_the_centre_by_the_angle():
     size, r = 25, 6.0
     y = _dot(size, size, row=12, col=12 + int(r))
     out = affine(y, torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64))[0, 0]
-    rows, cols = torch.meshgrid(torch.arange(size.__float__()), torch.arange(size.__float__()), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
     mass = out.sum()
     cy, cx = float((out * rows).sum() / mass) - 12, float((out * cols).sum() / mass) - 12
     assert math.hypot(cx, cy) == pytest.approx(r, abs=0.1)
