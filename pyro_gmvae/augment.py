@@ -83,8 +83,12 @@ class ConsistencyTerm:
     def __init__(self, model, guide, generator: torch.Generator):
         self.model, self.guide, self.generator = model, guide, generator
 
-    def __call__(self, y: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        log_r = self.guide.cluster_log_probs(self.model, self.guide.encode(y))
+    def __call__(
+        self, y: torch.Tensor, idx: torch.Tensor | None = None, log_r: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``log_r``: the batch's (B, K) log r(z | y), if the caller has it already."""
+        if log_r is None:
+            log_r = self.guide.cluster_log_probs(self.model, self.guide.encode(y))
         moved = random_affine(y, self.generator)
         log_r_moved = self.guide.cluster_log_probs(self.model, self.guide.encode(moved))
         return consistency(log_r, log_r_moved).mean()

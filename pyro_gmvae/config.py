@@ -180,6 +180,12 @@ class Config:
         check=non_negative_int,
     )
     init_fit_weight: float = option(10.0, "weight of that cross-entropy", check=non_negative_number)
+    init_anchor_epochs: int = option(
+        0,
+        "--init vae-*: keep the cross-entropy to the start's partition in the first N GMVAE epochs, its weight "
+        "falling linearly: epoch e adds --init-fit-weight x (N + 1 - e) / (N + 1) x that term (0: off)",
+        check=non_negative_int,
+    )
     z_prior_weight: float = option(1.0, "eta, weight of the z-prior KL", check=non_negative_number)
     cv_weight: float | None = option(None, "alpha, consistency-violation weight", check=non_negative_number)
     free_bits: float = option(0.0, "lambda, free-bits threshold of the z prior (0: off)", check=non_negative_number)
@@ -292,7 +298,7 @@ class Config:
             if meta.get("check") and not (value is None and meta.get("optional")):
                 meta["check"](f.name, value)
         if self.init == "random":
-            for key, off in (("init_restarts", 1), ("init_fit_epochs", 0)):
+            for key, off in (("init_restarts", 1), ("init_fit_epochs", 0), ("init_anchor_epochs", 0)):
                 if getattr(self, key) != off:
                     raise UserInputError(
                         f"{flag(key)} needs --init vae-kmeans or vae-umap (PyTorch's initialisation has no partition)"

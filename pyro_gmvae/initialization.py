@@ -120,6 +120,33 @@ def _hint(what: str):
     return lambda y: f"{what} diverged; lower --pretrain-lr"
 
 
+class PartitionTerm:
+    """``(y, idx) -> `` the mean cross-entropy of the guide's cluster posterior r(z | y) (at
+    the posterior means) to the partition ``labels`` over the batch's partitioned examples.
+
+    ``labels`` (N,) are the clusters of the first N examples of the array of ``size``
+    examples that ``idx`` indexes (``None``: N, every example partitioned); a batch holding
+    none of them gives 0.  The fit's term (:func:`fit_to_partition`) and
+    ``--init-anchor-epochs``' (the same term kept, with a falling weight, in the first GMVAE
+    epochs).  No host read: the batch's partitioned examples are masked, not selected.
+    """
+
+    def __init__(self, model, guide, labels: torch.Tensor, size: int | None = None):
+        self.model, self.guide, self.labels = model, guide, labels
+        self.everywhere = size is None or size <= len(labels)
+
+    def __call__(self, y: torch.Tensor, idx: torch.Tensor, log_r: torch.Tensor | None = None) -> torch.Tensor:
+        """``log_r``: the batch's (B, K) log r(z | y), if the caller has it already."""
+        if log_r is None:
+            log_r = self.guide.cluster_log_probs(self.model, self.guide.encode(y))
+        if self.everywhere:
+            return torch.nn.functional.nll_loss(log_r, self.labels[idx])
+        inside = idx < len(self.labels)
+        clusters = self.labels[idx.clamp(max=len(self.labels) - 1)]
+        picked = log_r.gather(-1, clusters.unsqueeze(-1)).squeeze(-1)
+        return -(picked * inside).sum() / inside.sum().clamp(min=1)
+
+
 def fit_to_partition(
     model,
     guide,
@@ -147,10 +174,7 @@ def fit_to_partition(
     model.train()
     guide.train()
     labels = labels.to(x_points.device)
-
-    def cross_entropy(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.nll_loss(guide.cluster_log_probs(model, guide.encode(y)), labels[idx])
-
+    cross_entropy = PartitionTerm(model, guide, labels)
     steps = len(x_points) // batch_size
     record = {"loss": [], "cross_entropy": []}
     bar = progress_bar(epochs * steps, "fit to the partition", progress)
@@ -238,7 +262,9 @@ def initialize(
     Returns the record written to ``init.json``: pretraining losses, the k-means objective,
     the fit's losses and cross-entropies, and the test metrics of the kept start before any
     GMVAE training, and with R > 1 one such record per start (with its probe score or its
-    agreement; the test metrics there are reported, never used to choose).  ``x_train`` is
+    agreement; the test metrics there are reported, never used to choose); and under
+    ``partition`` (not for ``init.json``) the kept start's partition, the cluster of each of
+    the first ``len(partition)`` training examples, for ``--init-anchor-epochs``.  ``x_train`` is
     ``data.x`` already on the training device.  ``anchors`` (``--labels``: labelled indices
     and their classes) number the partition's clusters by class
     (:func:`~pyro_gmvae.partition.number_by_labels`).
@@ -248,7 +274,7 @@ def initialize(
     if restarts > 1 and build is None:
         raise ValueError("initialize: init_restarts > 1 needs build()")
     probing = restarts > 1 and config.init_select == "probe"
-    records, partitions, best = [], [], None
+    records, assignments, best = [], [], None
     kept = {}  # restart -> (model, guide) of the starts that can still be chosen
     for restart in range(restarts):
         m, g = (model, guide) if restart == 0 else build()
@@ -259,6 +285,7 @@ def initialize(
             m, g, x_train, config.seed + restart, method=PARTITIONS[config.init], progress=progress, anchors=anchors
         )
         record = {"pretrain_loss": losses, "kmeans_inertia": seated["inertia"]}
+        assignments.append(seated["assignments"])
         if config.init_fit_epochs > 0:
             labels = seated["assignments"]
             record["fit"] = fit_to_partition(
@@ -282,14 +309,13 @@ def initialize(
         records.append(record)
         if restarts > 1:  # the seated state (not a probe's) of every start that can still be chosen
             kept[restart] = (m, g)
-            partitions.append(seated["assignments"])
             if probing:  # only the best probe so far can be chosen: the others are dropped now
                 kept = {r: pair for r, pair in kept.items() if r == best}
         logger.info("start %d of %d: %s", restart + 1, restarts, record)
     if probing and best is None:
         raise NonFiniteLossError(f"the probes of all {restarts} starts diverged; lower --lr")
     if restarts > 1 and not probing:  # consensus: the start whose partition the others agree with most
-        agreement = consensus_scores(partitions)
+        agreement = consensus_scores(assignments)
         for record, score in zip(records, agreement, strict=True):
             record["agreement"] = score
         best = max(range(restarts), key=agreement.__getitem__)
@@ -308,10 +334,11 @@ def initialize(
         "fit": chosen.get("fit"),
         "seconds": time.perf_counter() - t0,
         "test_at_init": chosen["test_at_init"],
+        "partition": assignments[best or 0],
     }
     if restarts > 1:
         out.update(restarts=records, chosen=best, select=config.init_select)
         if probing:
             out["probe_epochs"] = config.init_probe_epochs
-    logger.info("initialised (%s): %s", config.init, out)
+    logger.info("initialised (%s): %s", config.init, {k: v for k, v in out.items() if k != "partition"})
     return out

@@ -14,7 +14,7 @@ call it, so they shuffle, step and fail the same way.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -65,7 +65,7 @@ def run_epoch(
     *,
     lr: float | None = None,
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    extra_weight: float = 1.0,
+    extra_weight: float | Sequence[float] = 1.0,
     batch_indices: Callable[[torch.Tensor, int, int], torch.Tensor] = _slice,
     bar: tqdm | None = None,
     epoch: int | None = None,
@@ -90,7 +90,8 @@ def run_epoch(
         Learning rate of every parameter group for this epoch (set before the first step).
     extra_loss : callable, optional
         ``(y, idx)`` -> a scalar term added to the loss as ``extra_weight * term``; ``idx``
-        are the batch's indices into ``x``.
+        are the batch's indices into ``x``.  With a sequence of T weights, T terms (shape
+        (T,)) added as ``sum_t extra_weight[t] * term[t]``.
     batch_indices : callable
         ``(perm, step, batch_size)`` -> this process's indices of step ``step`` (a rank's
         shard under ``torchrun``); default the plain slice.
@@ -104,7 +105,7 @@ def run_epoch(
     Returns
     -------
     Tensor
-        The sum over steps of the loss, shape (); with ``extra_loss``, of (loss, term), shape (2,).
+        The sum over steps of the loss, shape (); with ``extra_loss``, of (loss, *terms), shape (1 + T,).
 
     Raises
     ------
@@ -122,7 +123,8 @@ def run_epoch(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     on_device = all(group.get("fused") for group in optimizer.param_groups)
     perm = torch.randperm(len(x), generator=generator).to(x.device)
-    total = torch.zeros((2,) if extra_loss else (), device=x.device)
+    weights = tuple(extra_weight) if isinstance(extra_weight, Sequence) else (extra_weight,)
+    total = torch.zeros((1 + len(weights),) if extra_loss else (), device=x.device)
     bad_step = torch.full((), -1, device=x.device, dtype=torch.long)
     steps = len(x) // batch_size
     try:
@@ -136,9 +138,11 @@ def run_epoch(
                 if not is_invalid_values_error(err):
                     raise
                 loss = torch.full((), math.nan, device=x.device)
-                term = None if extra_loss is None else loss
+                term = None if extra_loss is None else loss.expand(len(weights))
             optimizer.zero_grad(set_to_none=True)
-            objective = loss if term is None else loss + extra_weight * term
+            if term is not None:
+                term = term.reshape(len(weights))
+            objective = loss if term is None else loss + sum(w * t for w, t in zip(weights, term, strict=True))
             if objective.requires_grad:
                 objective.backward()
             checked = [objective.detach(), *(p.grad for p in params if p.grad is not None)]
@@ -148,7 +152,7 @@ def run_epoch(
             elif not _host_all_finite(checked):  # a host read, free on the CPU
                 _raise_non_finite(step, x[idx], bar, epoch, explain)
             optimizer.step()
-            total += loss.detach() if term is None else torch.stack([loss.detach(), term.detach()])
+            total += loss.detach() if term is None else torch.cat([loss.detach().reshape(1), term.detach()])
             if bar is not None:
                 bar.update(1)
     finally:

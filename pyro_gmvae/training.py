@@ -17,6 +17,7 @@ import logging
 import math
 import time
 import traceback
+from collections.abc import Callable
 
 import pyro
 import torch
@@ -28,7 +29,7 @@ from pyro_gmvae.config import DATA_PRESETS, Config
 from pyro_gmvae.data import Dataset, load_dataset, prepare_data, select_splits
 from pyro_gmvae.distributed import resolve_device
 from pyro_gmvae.errors import UserInputError
-from pyro_gmvae.initialization import initialize
+from pyro_gmvae.initialization import PartitionTerm, initialize
 from pyro_gmvae.loop import adam, progress_bar, run_epoch
 from pyro_gmvae.objective import elbo_terms, make_elbo
 from pyro_gmvae.runfolder import FINAL_KEYS, INIT_NAME, RESUME_KEYS, RunFolder, final_metrics, set_rng_state
@@ -50,6 +51,25 @@ def epoch_lr(config: Config, epoch: int) -> float:
         return config.lr
     progress = (epoch - 1) / max(1, config.epochs - 1)
     return config.lr_final + 0.5 * (config.lr - config.lr_final) * (1 + math.cos(math.pi * progress))
+
+
+def anchor_weight(config: Config, epoch: int) -> float:
+    """``--init-anchor-epochs`` N: the weight of the start's partition term in GMVAE epoch
+    ``epoch`` (1-based), ``init_fit_weight`` x (N + 1 - epoch) / (N + 1) up to epoch N, then 0."""
+    n = config.init_anchor_epochs
+    return config.init_fit_weight * (n + 1 - epoch) / (n + 1) if epoch <= n else 0.0
+
+
+def phase_terms(model, guide, terms: dict) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(y, idx)`` -> the terms beside the ELBO, shape (len(terms),), in the order of
+    ``terms`` (name -> ``(y, idx, log_r) -> term``): the batch's cluster posterior log r(z | y)
+    is computed once and shared."""
+
+    def extra(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        log_r = guide.cluster_log_probs(model, guide.encode(y))
+        return torch.stack([term(y, idx, log_r) for term in terms.values()])
+
+    return extra
 
 
 def parameter_groups(model, loss_fn, config: Config) -> list:
@@ -99,6 +119,16 @@ def _start(model, guide, data, x_train, config, shuffle, info, device, split=Non
     return initialize(model, guide, data, x_train, config, shuffle, progress=show, build=build, anchors=anchors)
 
 
+def _partition(state: dict | None, init_record: dict | None, device) -> torch.Tensor | None:
+    """The start's partition (its cluster of each of the first N training examples): from
+    the start just made, or from the checkpoint of a resumed run; None without a vae-* start."""
+    if init_record is not None:
+        return init_record.pop("partition").to(device)
+    if state is not None and state.get("partition") is not None:
+        return state["partition"].to(device)
+    return None
+
+
 def _resolve(config: Config, data: Dataset | None) -> tuple[Config, Dataset | None, bool]:
     """The resolved config, the data, and whether they are split already (a ``.npz`` file's are).
 
@@ -134,6 +164,8 @@ def _prepare(config: Config, resume: bool, overwrite: bool, data: Dataset | None
         distributed.per_rank_batch(config.batch_size, info)  # --batch-size is the global batch
         if info.enabled and config.augment_weight:  # its term is outside the module DDP wraps
             raise UserInputError("--augment-weight does not run under torchrun yet; pass --augment-weight 0")
+        if info.enabled and config.init_anchor_epochs:  # so is this one
+            raise UserInputError("--init-anchor-epochs does not run under torchrun yet; pass --init-anchor-epochs 0")
         if config.out is None:  # a fresh numbered folder, named by rank 0 for every rank
             new = lambda: RunFolder.create_default(config) if info.is_main else None  # noqa: E731
             folder = distributed.raise_together(new, info)
@@ -175,8 +207,8 @@ def _restore(state: dict | None, model, guide, optimizer, shuffle) -> tuple[list
     return list(state["history"]), state["epoch"]
 
 
-def _checkpoint(config, data, model, guide, optimizer, history) -> dict:
-    return {
+def _checkpoint(config, data, model, guide, optimizer, history, partition=None) -> dict:
+    state = {
         "config": config.to_dict(),
         "data_shape": list(data.data_shape),
         "model": model.state_dict(),
@@ -185,6 +217,9 @@ def _checkpoint(config, data, model, guide, optimizer, history) -> dict:
         "epoch": history[-1]["epoch"],
         "history": history,
     }
+    if partition is not None and config.init_anchor_epochs:  # resumed inside the anchor's epochs
+        state["partition"] = partition.cpu()
+    return state
 
 
 def _test_metrics(model, guide, data, labelled: bool = False) -> dict:
@@ -279,8 +314,13 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
     if split is not None:  # --labels: the unlabelled ELBO plus the labelled one, in one module DDP can wrap
         loss_fn = semisupervised.SemiSupervisedLoss(loss_fn, model, guide, config.mc_samples, config.label_weight)
     step_loss = distributed.wrap(loss_fn, info, device)  # DDP over the ELBO module, or loss_fn
-    # --augment-weight: -log P(an image and a moved copy share a cluster), beside the ELBO
+    partition = _partition(state, init_record, device)
+    if config.init_anchor_epochs and partition is None:  # a checkpoint from before the option
+        raise UserInputError(f"--init-anchor-epochs: the checkpoint in {folder.path} holds no start partition")
+    # Beside the ELBO: --augment-weight, -log P(an image and a moved copy share a cluster), and
+    # --init-anchor-epochs, the cross-entropy to the start's partition with a falling weight.
     consistency = augment.ConsistencyTerm(model, guide, shuffle) if config.augment_weight else None
+    anchor = PartitionTerm(model, guide, partition, len(x_train)) if config.init_anchor_epochs else None
     optimizer = adam(parameter_groups(model, loss_fn, config), config.lr)
     history, start_epoch = _restore(state, model, guide, optimizer, shuffle)
     if info.enabled:  # same init on every rank; Monte Carlo noise of its own per rank
@@ -309,6 +349,8 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         if split is not None:  # each step: an unlabelled batch of x_epoch and a labelled batch drawn with shuffle
             x_epoch, x_labelled = split.split(x_epoch)
             epoch_loss = semisupervised.step_loss(step_loss, split, x_labelled, beta, shuffle)
+        weights = {"augment": config.augment_weight, "anchor": anchor_weight(config, epoch)}
+        terms = {name: term for name, term in (("augment", consistency), ("anchor", anchor)) if weights[name]}
         total = run_epoch(
             epoch_loss,
             optimizer,
@@ -316,8 +358,8 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
             config.batch_size,
             shuffle,
             lr=epoch_lr(config, epoch),  # every epoch, so a --lr given on resume takes effect
-            extra_loss=consistency,
-            extra_weight=config.augment_weight,
+            extra_loss=phase_terms(model, guide, terms) if terms else None,
+            extra_weight=[weights[name] for name in terms],
             batch_indices=lambda perm, step, size: distributed.shard(perm, step, size, info),
             bar=bar,
             epoch=epoch,
@@ -326,10 +368,11 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "kl_weight": beta}
         total = distributed.all_reduce_mean(total, info)
-        if consistency is None:
+        if not terms:
             row["train_loss"] = float(total) / steps
-        else:  # the ELBO's loss and the consistency term, each a mean per example
-            row["train_loss"], row["augment"] = float(total[0]) / steps, float(total[1]) / steps
+        else:  # the ELBO's loss and each term beside it, each a mean per example
+            row["train_loss"] = float(total[0]) / steps
+            row.update({name: float(value) / steps for name, value in zip(terms, total[1:], strict=True)})
         if not info.is_main:  # rank 0 evaluates and writes the run folder
             continue
         bar.set_postfix_str(f"evaluating on {len(data.x_test)} test examples")
@@ -337,7 +380,7 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
         history.append({**row, "seconds": seconds, "elapsed": (history[-1]["elapsed"] if history else 0.0) + seconds})
         row = history[-1]
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row.get('acc_hungarian', math.nan):.3f}")
-        folder.save_checkpoint(_checkpoint(config, data, model, guide, optimizer, history), shuffle)
+        folder.save_checkpoint(_checkpoint(config, data, model, guide, optimizer, history, partition), shuffle)
         folder.append_metrics(row)
         board.write(row)
         logger.info("epoch %d: %s", epoch, row)

@@ -102,6 +102,7 @@ CASES = [
     ("free-bits-negative", ["--free-bits", "-0.5"], None, ["--free-bits", ">= 0"]),
     ("augment-weight-negative", ["--augment-weight", "-1"], None, ["--augment-weight", ">= 0"]),
     ("augment-on-vectors", ["--augment-weight", "1"], None, ["--augment-weight", "(2,)", "images"]),
+    ("anchor-without-start", ["--init-anchor-epochs", "2"], None, ["--init-anchor-epochs", "vae-kmeans"]),
     SLOW("lr-zero", ["--lr", "0"], None, ["--lr", "positive"]),
     ("unknown-data", ["--data", "cifar"], None, ["cifar", "spiral", "mnist", "svhn", ".npz"]),
     ("unknown-network", ["--network", "resnet"], None, ["--network", "resnet", "conv", "fc"]),
