@@ -304,6 +304,8 @@ class Config:
                         f"{flag(key)} needs --init vae-kmeans or vae-umap (PyTorch's initialisation has no partition)"
                     )
 
+        if self.init_anchor_epochs and (self.labels or self.pseudo_labels):  # their steps index another array
+            raise UserInputError("--init-anchor-epochs does not combine with --labels or --pseudo-labels yet")
         if self.pseudo_labels and (self.init == "random" or self.labels):
             raise UserInputError("--pseudo-labels needs an --init vae-* start and no --labels")
         if self.binarize != "none" and self.likelihood != "bernoulli":

@@ -217,7 +217,7 @@ def _checkpoint(config, data, model, guide, optimizer, history, partition=None) 
         "epoch": history[-1]["epoch"],
         "history": history,
     }
-    if partition is not None and config.init_anchor_epochs:  # resumed inside the anchor's epochs
+    if partition is not None and config.init_anchor_epochs:  # for a resume inside the anchor's epochs
         state["partition"] = partition.cpu()
     return state
 

@@ -103,6 +103,12 @@ CASES = [
     ("augment-weight-negative", ["--augment-weight", "-1"], None, ["--augment-weight", ">= 0"]),
     ("augment-on-vectors", ["--augment-weight", "1"], None, ["--augment-weight", "(2,)", "images"]),
     ("anchor-without-start", ["--init-anchor-epochs", "2"], None, ["--init-anchor-epochs", "vae-kmeans"]),
+    (
+        "anchor-with-labels",
+        ["--init-anchor-epochs", "2", "--init", "vae-kmeans", "--labels", "10"],
+        None,
+        ["--init-anchor-epochs", "--labels"],
+    ),
     SLOW("lr-zero", ["--lr", "0"], None, ["--lr", "positive"]),
     ("unknown-data", ["--data", "cifar"], None, ["cifar", "spiral", "mnist", "svhn", ".npz"]),
     ("unknown-network", ["--network", "resnet"], None, ["--network", "resnet", "conv", "fc"]),
