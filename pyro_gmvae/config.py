@@ -50,7 +50,7 @@ DATA_PRESETS = {
 }
 # Options a .npz file's automatic defaults set but no static preset does: their value
 # everywhere else (and in runs saved before they existed).
-UNPRESET_DEFAULTS = {"init_select": "probe", "balance_weight": 0.0}
+UNPRESET_DEFAULTS = {"init_select": "probe", "balance_weight": 0.0, "init_anchor_epochs": 0}
 INITS = ("random", "vae-kmeans", "vae-umap")
 ELBO_MODES = ("compiled", "eager")
 
@@ -180,10 +180,11 @@ class Config:
         check=non_negative_int,
     )
     init_fit_weight: float = option(10.0, "weight of that cross-entropy", check=non_negative_number)
-    init_anchor_epochs: int = option(
-        0,
+    init_anchor_epochs: int | None = option(
+        None,
         "--init vae-*: keep the cross-entropy to the start's partition in the first N GMVAE epochs, its weight "
-        "falling linearly: epoch e adds --init-fit-weight x (N + 1 - e) / (N + 1) x that term (0: off)",
+        "falling linearly: epoch e adds --init-fit-weight x (N + 1 - e) / (N + 1) x that term (0: off) "
+        "(default: 0)",
         check=non_negative_int,
     )
     z_prior_weight: float = option(1.0, "eta, weight of the z-prior KL", check=non_negative_number)
@@ -282,8 +283,10 @@ class Config:
             values["init"] = "random"
         if values["labels"] and self.balance_weight is None:  # nor a balance term chosen for unlabelled starts
             values["balance_weight"] = 0.0
-        if values["init"] == "random":  # a preset's restarts and fit go with its --init vae-*
-            for key, off in (("init_restarts", 1), ("init_fit_epochs", 0)):
+        if (values["labels"] or values["pseudo_labels"]) and self.init_anchor_epochs is None:  # see validate
+            values["init_anchor_epochs"] = 0
+        if values["init"] == "random":  # a preset's restarts, fit and anchor go with its --init vae-*
+            for key, off in (("init_restarts", 1), ("init_fit_epochs", 0), ("init_anchor_epochs", 0)):
                 if getattr(self, key) is None:
                     values[key] = off
         return Config(**values)

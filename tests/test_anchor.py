@@ -19,7 +19,7 @@ from pyro_gmvae.training import anchor_weight, train
 def test_anchor_weight_falls_linearly_to_zero_after_n_epochs():
     config = Config(init_anchor_epochs=3, init_fit_weight=10.0)
     assert [anchor_weight(config, e) for e in range(1, 6)] == [7.5, 5.0, 2.5, 0.0, 0.0]
-    assert anchor_weight(Config(), 1) == 0.0  # off by default
+    assert anchor_weight(Config().resolved(), 1) == 0.0  # off by default
 
 
 class _Fixed:
