@@ -52,3 +52,34 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def image_dataset(n: int = 96, seed: int = 0):
+    """``n`` random 1x12x12 images in [0, 1] with 3 random classes; the last 32 are the test split."""
+    from pyro_gmvae.data import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 12, 12, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return Dataset("images", x[: n - 32], labels[: n - 32], x[n - 32 :], labels[n - 32 :])
+
+
+def assert_resume_is_bit_for_bit(tmp_path: Path, flags: dict, data, epochs: int, stop: int):
+    """Train ``flags`` on ``data()`` for ``epochs`` in one go (folder ``one``) and, in folder
+    ``two``, to ``stop`` then resumed to ``epochs``; assert the same history (less timings)
+    and the same model and guide bit for bit.  Returns the whole run and both checkpoints."""
+    from pyro_gmvae import Config, train
+    from pyro_gmvae.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    one = train(Config(epochs=epochs, out=str(tmp_path / "one"), **flags), data=data(), make_figures=False)
+    train(Config(epochs=stop, out=str(tmp_path / "two"), **flags), data=data(), make_figures=False)
+    two = train(Config(epochs=epochs, out=str(tmp_path / "two"), **flags), data=data(), resume=True, make_figures=False)
+    untimed = [
+        [{k: v for k, v in r.items() if k not in ("seconds", "elapsed")} for r in run.history] for run in (one, two)
+    ]
+    assert untimed[0] == untimed[1]
+    a, b = (load_checkpoint(tmp_path / name / CHECKPOINT_NAME) for name in ("one", "two"))
+    for part in ("model", "guide"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    return one, a, b

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import assert_resume_is_bit_for_bit, image_dataset
 
 from pyro_gmvae import Config, train
 from pyro_gmvae.augment import ConsistencyTerm, affine, consistency, random_affine
 from pyro_gmvae.build import build_model_and_guide
-from pyro_gmvae.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from pyro_gmvae.data import Dataset
 
 
 def _dot(height=9, width=9, row=4, col=4) -> torch.Tensor:
@@ -94,30 +93,15 @@ def test_term_reaches_encoder_and_mixture(guide_name):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.prior.parameters())
 
 
-def _images(n=96, seed=0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 12, 12, generator=g)
-    labels = torch.randint(0, 3, (n,), generator=g)
-    return Dataset("images", x[: n - 32], labels[: n - 32], x[n - 32 :], labels[n - 32 :])
-
-
 def test_run_with_the_term_logs_it_and_resumes_bit_for_bit(tmp_path):
     flags = dict(
         data="images.npz", network="fc", likelihood="bernoulli", K=3, x_dim=4, w_dim=3, hidden_dim=16,
         batch_size=16, lr=1e-3, augment_weight=5.0, seed=1, progress=False, init="random",
     )  # fmt: skip
-    one = train(Config(epochs=4, out=str(tmp_path / "one"), **flags), data=_images(), make_figures=False)
-    train(Config(epochs=2, out=str(tmp_path / "two"), **flags), data=_images(), make_figures=False)
-    two = train(Config(epochs=4, out=str(tmp_path / "two"), **flags), data=_images(), resume=True, make_figures=False)
-    untimed = [
-        [{k: v for k, v in r.items() if k not in ("seconds", "elapsed")} for r in run.history] for run in (one, two)
-    ]
-    assert untimed[0] == untimed[1]
+    one, _, _ = assert_resume_is_bit_for_bit(tmp_path, flags, image_dataset, epochs=4, stop=2)
     assert all(0 < row["augment"] <= math.log(3) + 1e-5 for row in one.history)
-    a, b = (load_checkpoint(tmp_path / name / CHECKPOINT_NAME) for name in ("one", "two"))
-    for part in ("model", "guide"):
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
-    plain = train(Config(epochs=1, out=str(tmp_path / "plain"), **{**flags, "augment_weight": 0.0}), data=_images(),
-                  make_figures=False)  # fmt: skip
+    plain_flags = {**flags, "augment_weight": 0.0}
+    plain = train(
+        Config(epochs=1, out=str(tmp_path / "plain"), **plain_flags), data=image_dataset(), make_figures=False
+    )
     assert "augment" not in plain.history[0]
