@@ -148,6 +148,7 @@ GRIDS = {
     "anchor": dict(seeds=3, epochs=10, settings=[dict(DEFAULT, augment_weight=100.0, init_anchor_epochs=3)]),
     # That setting (the mnist default since) scored once on the test split.
     "k10anchor": dict(seeds=5, epochs=10, settings=[dict(DEFAULT, augment_weight=100.0, init_anchor_epochs=3)]),
+    "k16anchor": dict(seeds=3, epochs=10, settings=[dict(DEFAULT, K=16, augment_weight=100.0, init_anchor_epochs=3)]),
     # --labels from the default's start (its clusters numbered by the labelled classes):
     # label weight and epochs chosen on the validation split, then the semisup grid.
     "semisupval": dict(
