@@ -27,6 +27,7 @@ MNIST_QUOTED = {
         "epochs": 20,
         "init_anchor_epochs": 0,
     },
+    "K16-M1-v2-fcH500-lr0.0001-b256-cv2-eta1-fb0-vae-umap10f3w10a3-aug100-e10": {"K": 16},
     "K16-M1-v2-fcH500-lr0.0001-b256-cv2-eta1-fb0-vae-umap10f3w10-e20": {
         "K": 16,
         "augment_weight": 0.0,
