@@ -54,8 +54,11 @@ DATA_PRESETS = {
 }
 # Options a .npz file's automatic defaults set but no static preset does: their value
 # everywhere else (and in runs saved before they existed).
-UNPRESET_DEFAULTS = {"init_select": "probe", "balance_weight": 0.0}
+UNPRESET_DEFAULTS = {"init_select": "probe", "balance_weight": 0.0, "init_weights": "uniform"}
 INITS = ("random", "vae-kmeans", "vae-umap")
+INIT_WEIGHTS = ("uniform", "partition")
+# The options of a vae-* start and their value under --init random (which has no partition).
+_RANDOM_START = (("init_restarts", 1), ("init_fit_epochs", 0), ("init_anchor_epochs", 0), ("init_weights", "uniform"))
 ELBO_MODES = ("compiled", "eager")
 
 
@@ -184,6 +187,13 @@ class Config:
         check=non_negative_int,
     )
     init_fit_weight: float = option(10.0, "weight of that cross-entropy", check=non_negative_number)
+    init_weights: str | None = option(
+        None,
+        "--init vae-*: the cluster weights pi after the start: 1/K (uniform), or the start partition's cluster "
+        "proportions (partition, as a Gaussian mixture started from k-means; a learned pi trains on from there) "
+        "(default: uniform; partition for a .npz file)",
+        choices=INIT_WEIGHTS,
+    )
     init_anchor_epochs: int | None = option(
         None,
         "--init vae-*: keep the cross-entropy to the start's partition in the first N GMVAE epochs, its weight "
@@ -289,7 +299,7 @@ class Config:
         if (values["labels"] or values["pseudo_labels"]) and self.init_anchor_epochs is None:  # see validate
             values["init_anchor_epochs"] = 0
         if values["init"] == "random":  # a preset's restarts, fit and anchor go with its --init vae-*
-            for key, off in (("init_restarts", 1), ("init_fit_epochs", 0), ("init_anchor_epochs", 0)):
+            for key, off in _RANDOM_START:
                 if getattr(self, key) is None:
                     values[key] = off
         return Config(**values)
@@ -304,7 +314,7 @@ class Config:
             if meta.get("check") and not (value is None and meta.get("optional")):
                 meta["check"](f.name, value)
         if self.init == "random":
-            for key, off in (("init_restarts", 1), ("init_fit_epochs", 0), ("init_anchor_epochs", 0)):
+            for key, off in _RANDOM_START:
                 if getattr(self, key) != off:
                     raise UserInputError(
                         f"{flag(key)} needs --init vae-kmeans or vae-umap (PyTorch's initialisation has no partition)"

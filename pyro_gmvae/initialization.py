@@ -12,7 +12,8 @@ The recipe of VaDE (Jiang et al. 2017), adapted to the GMVAE:
    becomes its cluster's centroid and its scale the cluster's spread of x under q
    (the moment-matched Gaussian), while the prior network's weights are shrunk so that w
    starts with little influence, and q(w | y) is set to the prior N(0, I)
-   (:func:`~pyro_gmvae.partition.seat_components`);
+   (:func:`~pyro_gmvae.partition.seat_components`); with ``--init-weights partition`` the
+   cluster weights pi become the partition's cluster proportions;
 4. with ``--init-fit-epochs F`` (F > 0), fit the seated GMVAE to the partition for F epochs
    over the clustered examples: the GMVAE objective plus ``--init-fit-weight`` times the
    cross-entropy between the model's cluster posterior and the cluster of each example
@@ -282,7 +283,8 @@ def initialize(
             m, g, x_train, config.pretrain_epochs, config.batch_size, config.pretrain_lr, shuffle, progress=progress
         )
         seated = seat_components(
-            m, g, x_train, config.seed + restart, method=PARTITIONS[config.init], progress=progress, anchors=anchors
+            m, g, x_train, config.seed + restart, method=PARTITIONS[config.init], progress=progress, anchors=anchors,
+            weights=config.init_weights == "partition",
         )
         record = {"pretrain_loss": losses, "kmeans_inertia": seated["inertia"]}
         assignments.append(seated["assignments"])

@@ -127,6 +127,7 @@ def seat_components(
     method: str = "kmeans",
     progress: bool = False,
     anchors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weights: bool = False,
 ):
     """Put the K components of p(x | z, w) on a partition of q(x|y)'s means.
 
@@ -149,6 +150,9 @@ def seat_components(
         ``--labels``: the labelled examples (indices into ``x_train``) and their classes.
         The partition's cluster ids are then renumbered so that cluster c holds class c
         (:func:`number_by_labels`), the order the observed z of those examples asks for.
+    weights : bool
+        Also set the cluster weights pi to the partition's cluster proportions (as a
+        Gaussian mixture started from k-means is); False keeps the prior's pi.
 
     Returns
     -------
@@ -172,6 +176,8 @@ def seat_components(
     # Spread of x ~ q within the cluster: variance of the means plus the mean variance.
     spread = onehot.T @ (loc**2 + var) / counts - centroids**2
     scale = spread.clamp_min(4 * SCALE_FLOOR**2).sqrt()
+    if weights:
+        model.prior.set_cluster_weights(counts[:, 0] / len(labels))
 
     # q(w | y) starts at the prior N(0, I): w carries nothing yet and costs no KL, so the
     # first GMVAE steps do not pull the pretrained trunk towards a random w-path.

@@ -43,6 +43,18 @@ class MixturePrior(nn.Module):
         """log pi, shape (K,)."""
         return torch.log_softmax(self.cluster_logits, -1)
 
+    @torch.no_grad()
+    def set_cluster_weights(self, weights: torch.Tensor) -> None:
+        """Set pi to ``weights`` (K,), positive and summing to 1 (``--init-weights partition``).
+
+        Writes log pi into the logits pi is read from: the fixed buffer here, the learned
+        parameter in :class:`LearnedWeightsPrior` (where training then moves it).
+        """
+        weights = torch.as_tensor(weights, dtype=self.cluster_logits.dtype, device=self.cluster_logits.device)
+        if weights.shape != (self.num_clusters,) or not bool((weights > 0).all()):
+            raise ValueError(f"cluster weights must be {self.num_clusters} positive values; got {weights.tolist()}")
+        self.cluster_logits.copy_((weights / weights.sum()).log())
+
     def p_w(self, batch_size: int) -> dist.TorchDistribution:
         """N(0, I) over w, batch shape (B,), event shape (Dw,)."""
         zero = self.cluster_logits.new_zeros(batch_size, self.w_dim)

@@ -84,6 +84,31 @@ def test_seating_keeps_a_shrunk_w_dependence_and_the_kmeans_partition():
     assert (r == seated["assignments"]).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("prior", ["uniform", "learned", "tied"])
+def test_init_weights_partition_sets_pi_to_the_partition_proportions(prior):
+    torch.manual_seed(0)
+    config = Config(data="x.npz", K=3, x_dim=4, w_dim=3, hidden_dim=16, prior=prior).resolved()
+    model, guide = build_model_and_guide(config, (6,))
+    y, _ = _blobs(n=240)
+    y = torch.cat([y, y[y[:, 0] > 0][:60]])  # clusters of unequal size
+    uniform = model.prior.cluster_log_weights().clone()
+    seated = seat_components(model, guide, y, seed=0, shrink=0.1)  # the default keeps pi
+    assert torch.equal(model.prior.cluster_log_weights(), uniform)
+    seated = seat_components(model, guide, y, seed=0, shrink=0.1, weights=True)
+    proportions = torch.bincount(seated["assignments"], minlength=3).double() / len(y)
+    assert len(set(proportions.tolist())) > 1
+    torch.testing.assert_close(model.prior.cluster_log_weights().double(), proportions.log(), rtol=0, atol=1e-6)
+    assert ("logits" in dict(model.prior.named_parameters())) == (prior == "learned")  # learned pi trains on
+    with pytest.raises(ValueError, match="3 positive values"):
+        model.prior.set_cluster_weights(torch.tensor([0.5, 0.5, 0.0]))
+
+
+def test_init_weights_partition_needs_a_vae_start():
+    assert Config(data="x.npz", init="random").resolved().init_weights == "uniform"
+    with pytest.raises(UserInputError, match="--init-weights needs --init vae-kmeans or vae-umap"):
+        Config(data="spiral", init="random", init_weights="partition").resolved().validate()
+
+
 def test_seating_needs_k_examples():
     model, guide = _model_and_guide(K=3)
     with pytest.raises(UserInputError, match="at least K=3"):
