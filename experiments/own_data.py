@@ -179,6 +179,7 @@ def run_set(name: str, path: Path, args, overrides: dict) -> dict:
         seconds_per_run=seconds,
         torch_threads_after_run=threads,
         git_commit=git_commit()["sha"],
+        git_dirty=git_commit()["dirty"],  # uncommitted changes to tracked files when the set ended
         machine=machine(),
     )
     return entry
