@@ -120,6 +120,8 @@ CASES = [
     ("restarts-without-init", ["--init", "random", "--init-restarts", "3"], None, ["--init-restarts", "vae-kmeans"]),
     ("init-restarts-zero", ["--init", "vae-kmeans", "--init-restarts", "0"], None, ["--init-restarts", "positive"]),
     ("fit-without-init", ["--init", "random", "--init-fit-epochs", "2"], None, ["--init-fit-epochs", "vae-umap"]),
+    ("weights-without-init", ["--init-weights", "partition"], None, ["--init-weights", "vae-kmeans"]),
+    ("unknown-init-weights", ["--init-weights", "kmeans"], None, ["--init-weights", "uniform", "partition"]),
     ("fit-epochs-negative", ["--init", "vae-umap", "--init-fit-epochs", "-1"], None, ["--init-fit-epochs", ">= 0"]),
     ("fit-weight-negative", ["--init", "vae-umap", "--init-fit-weight", "-2"], None, ["--init-fit-weight", ">= 0"]),
     ("K-not-int", ["--K", "abc"], None, ["--K", "abc", "--help"]),
