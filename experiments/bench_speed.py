@@ -7,7 +7,7 @@
 Three sides share one model and guide (so the weights are identical), each with its own
 Adam as training makes it (:func:`pyro_gmvae.loop.adam`: torch's default kernel on CPU, fused on GPU):
 
-- **compiled**: the default training step, :func:`pyro_gmvae.loop.run_epoch` over one batch
+- **compiled**: the default training step, :func:`pyro_gmvae.loop.run_epoch` over S batches
   with the loss module ``make_elbo(M)(model, guide)`` (a
   :class:`~pyro_gmvae.objective.CompiledELBOModule`, which replays a traced graph of
   TraceEnum_ELBO's loss) divided by the batch size, ``zero_grad``, ``backward``, the
@@ -15,10 +15,15 @@ Adam as training makes it (:func:`pyro_gmvae.loop.adam`: torch's default kernel 
 - **eager**: the same step with ``make_elbo(M, "eager")``, Pyro's own ELBO module;
 - **reference**: the same objective written by hand in PyTorch on the same modules (draw w
   then x by reparameterisation, marginalise z with ``logsumexp``, add the same regulariser
-  factor), ``zero_grad``, ``backward``, Adam;
+  factor), ``zero_grad``, ``backward``, Adam, in a plain loop over the same S batches;
 - **reference_loop**: that objective through ``run_epoch``, so with the project's loop and
   its non-finite guard (one read of every gradient per step): compiled minus
   reference_loop is what the Pyro objective itself adds.
+
+Each timed call is S steps (``--steps-per-call``, default 16, fewer for large batches: at
+most 4,096 examples a call), as steps run inside a training epoch: the loop's once-an-epoch
+work (the shuffle, the setup of the guard) is shared by S steps, where a training epoch
+shares it by hundreds (MNIST at batch 256: 234).  A step time is the call's time / S.
 
 Before timing, the script checks in float64 that the eager and compiled sides give the
 reference's loss and gradients on the same random draws.  The sides are then timed
@@ -129,9 +134,10 @@ def reference_loss(model, guide, y: torch.Tensor, num_particles: int) -> torch.T
 class Sides:
     """The three training steps of one case on shared modules, each with its own Adam (loop.adam)."""
 
-    def __init__(self, case: dict, device: torch.device, autocast: torch.dtype | None = None):
-        self.case, self.device, self.autocast = case, device, autocast
-        self.config, self.model, self.guide, self.y = build(case, device)
+    def __init__(self, case: dict, device: torch.device, autocast: torch.dtype | None = None, steps: int = 1):
+        self.case, self.device, self.autocast, self.steps_per_call = case, device, autocast, steps
+        self.config, self.model, self.guide, self.data = build({**case, "batch_size": case["batch_size"] * steps}, device)
+        self.y = self.data[: case["batch_size"]]  # the batch of the float64 check
         m = case["mc_samples"]
         self.loss_modules = {
             "compiled": make_elbo(m)(self.model, self.guide),
@@ -147,25 +153,28 @@ class Sides:
         return torch.autocast(self.device.type, dtype=self.autocast)
 
     def project(self, side: str = "compiled"):
-        """One step of training: the loop over a one-batch epoch."""
+        """S steps of training: the loop over an epoch of S batches."""
         loss_module = self.loss_modules[side]
         loss = lambda y: loss_module(y) / len(y)  # noqa: E731
         with self._autocast():
-            return run_epoch(loss, self.optimizers[side], self.y, len(self.y), self.order)
+            return run_epoch(loss, self.optimizers[side], self.data, len(self.y), self.order)
 
     def reference_loop(self):
         """The reference objective through the project's loop (its non-finite guard included)."""
         loss = lambda y: reference_loss(self.model, self.guide, y, self.case["mc_samples"]) / len(y)  # noqa: E731
         with self._autocast():
-            return run_epoch(loss, self.optimizers["reference_loop"], self.y, len(self.y), self.order)
+            return run_epoch(loss, self.optimizers["reference_loop"], self.data, len(self.y), self.order)
 
     def reference(self):
-        optimizer = self.optimizers["reference"]
-        with self._autocast():
-            loss = reference_loss(self.model, self.guide, self.y, self.case["mc_samples"]) / len(self.y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        optimizer.step()
+        """S plain steps over the same S batches, in order."""
+        optimizer, batch = self.optimizers["reference"], len(self.y)
+        for step in range(self.steps_per_call):
+            y = self.data[step * batch : (step + 1) * batch]
+            with self._autocast():
+                loss = reference_loss(self.model, self.guide, y, self.case["mc_samples"]) / batch
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
         return loss
 
     def steps(self) -> dict:
@@ -221,10 +230,12 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: dict, device, batch: int, warmup: int, min_steps: int, max_steps: int, budget_s: float):
+def time_interleaved(steps: dict, device, batch: int, warmup: int, min_steps: int, max_steps: int, budget_s: float,
+                     per_call: int = 1):  # fmt: skip
     """Median step times of step functions run in turn (A B C, B C A, C A B, ...) after warm-up.
 
-    ``steps`` maps names to zero-argument callables; the last is the reference of every
+    ``steps`` maps names to zero-argument callables that make ``per_call`` steps each (a
+    step's time is a call's / ``per_call``); the last is the reference of every
     ratio.  Per side: ``ratio`` = median / median(reference), ``ratio_pairwise_median``
     (the median of per-round ratios, robust to drifts) and ``added_ms`` = median -
     median(reference) of wall time; ``cpu_ratio`` and ``cpu_added_ms`` the same of this
@@ -253,13 +264,13 @@ def time_interleaved(steps: dict, device, batch: int, warmup: int, min_steps: in
             c0, t0 = time.process_time(), time.perf_counter()
             step()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
+            times[name].append((time.perf_counter() - t0) / per_call)
+            cpu[name].append((time.process_time() - c0) / per_call)
         if len(times[items[0][0]]) >= min_steps and time.perf_counter() - start > budget_s:
             break
     ref_name = items[-1][0]
     ref = times[ref_name]
-    out = {"steps_per_side": len(ref), "reference_side": ref_name}
+    out = {"steps_per_side": len(ref) * per_call, "steps_per_call": per_call, "reference_side": ref_name}
     for name, ts in times.items():
         med = statistics.median(ts)
         out[name] = {"median_step_s": med, "examples_per_s": batch / med, "min_step_s": min(ts)}
@@ -358,7 +369,7 @@ def epoch_throughput(device: str, data_root: str | None, elbo: str = "compiled",
 
 def run_case(case, device, args, autocast: torch.dtype | None = None) -> dict:
     """Check, time and (unless --no-memory) measure one case; print a line."""
-    sides = Sides(case, device, autocast)
+    sides = Sides(case, device, autocast, steps=max(1, min(args.steps_per_call, 4096 // case["batch_size"])))
     row = {"case": case, "name": case_name(case), "autocast": str(autocast) if autocast else None}
     row["parameters_mib"] = parameter_mib(sides)
     t0 = time.perf_counter()
@@ -367,11 +378,11 @@ def run_case(case, device, args, autocast: torch.dtype | None = None) -> dict:
         row["check"]["seconds"] = time.perf_counter() - t0
     steps = sides.steps()
     row.update(time_interleaved(steps, device, case["batch_size"], args.warmup, args.min_steps, args.max_steps,
-                                args.budget))  # fmt: skip
+                                args.budget, per_call=sides.steps_per_call))  # fmt: skip
     if not args.no_memory:
         row["memory_method"] = (
-            "MiB, torch.cuda.max_memory_allocated delta over 2 steps" if device.type == "cuda"
-            else "MiB, peak RSS (VmHWM) over 2 steps minus RSS before them, after the timed steps"
+            "MiB, torch.cuda.max_memory_allocated delta over 2 calls (2 S steps)" if device.type == "cuda"
+            else "MiB, peak RSS (VmHWM) over 2 calls (2 S steps) minus RSS before them, after the timed steps"
         )  # fmt: skip
         for side, step in steps.items():
             row[side]["peak_memory_mib"] = step_peak_memory(step, device)
@@ -427,8 +438,9 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--budget", type=float, default=8.0, help="seconds of timing per case once min steps are done")
     p.add_argument("--warmup", type=int, default=4, help="rounds before timing (the compiled side traces in round 2)")
-    p.add_argument("--min-steps", type=int, default=20, help="timed steps per side (at least)")
-    p.add_argument("--max-steps", type=int, default=80)
+    p.add_argument("--min-steps", type=int, default=20, help="timed calls per side (at least)")
+    p.add_argument("--max-steps", type=int, default=80, help="timed calls per side (at most)")
+    p.add_argument("--steps-per-call", type=int, default=16, help="steps S of one timed call (at most 4096 / batch)")
     p.add_argument("--no-memory", action="store_true", help="skip peak memory")
     p.add_argument("--no-bf16", action="store_true", help="on CUDA, skip the bf16 autocast rows")
     p.add_argument("--no-epoch", action="store_true", help="skip the MNIST epochs")

@@ -55,11 +55,14 @@ def test_check_catches_a_reference_that_differs(bench, monkeypatch):
 
 def test_interleaved_timing_and_memory_report_every_side(bench):
     case = tiny()
-    sides = bench.Sides(case, torch.device("cpu"))
+    sides = bench.Sides(case, torch.device("cpu"), steps=2)  # each call: an epoch of 2 steps
+    assert sides.data.shape[0] == 2 * case["batch_size"] and torch.equal(sides.y, sides.data[: case["batch_size"]])
     steps = sides.steps()
     assert list(steps) == ["compiled", "eager", "reference_loop", "reference"]
-    row = bench.time_interleaved(steps, torch.device("cpu"), case["batch_size"], 1, 3, 3, 0.0)
-    assert row["steps_per_side"] == 3
+    row = bench.time_interleaved(steps, torch.device("cpu"), case["batch_size"], 1, 3, 3, 0.0, per_call=2)
+    assert row["steps_per_side"] == 6 and row["steps_per_call"] == 2
+    for side, optimizer in sides.optimizers.items():  # 1 warm-up call and 3 timed calls of 2 steps each
+        assert {float(state["step"]) for state in optimizer.state.values()} == {8.0}, side
     for name in steps:
         assert row[name]["median_step_s"] > 0
         assert row[name]["examples_per_s"] == pytest.approx(8 / row[name]["median_step_s"])
