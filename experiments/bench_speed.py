@@ -136,7 +136,9 @@ class Sides:
 
     def __init__(self, case: dict, device: torch.device, autocast: torch.dtype | None = None, steps: int = 1):
         self.case, self.device, self.autocast, self.steps_per_call = case, device, autocast, steps
-        self.config, self.model, self.guide, self.data = build({**case, "batch_size": case["batch_size"] * steps}, device)
+        self.config, self.model, self.guide, self.data = build(
+            {**case, "batch_size": case["batch_size"] * steps}, device
+        )
         self.y = self.data[: case["batch_size"]]  # the batch of the float64 check
         m = case["mc_samples"]
         self.loss_modules = {

@@ -191,7 +191,7 @@ class Config:
         None,
         "--init vae-*: the cluster weights pi after the start: 1/K (uniform), or the start partition's cluster "
         "proportions (partition, as a Gaussian mixture started from k-means; a learned pi trains on from there) "
-        "(default: uniform; partition for a .npz file)",
+        "(default: uniform)",
         choices=INIT_WEIGHTS,
     )
     init_anchor_epochs: int | None = option(

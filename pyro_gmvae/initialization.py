@@ -285,7 +285,7 @@ def initialize(
         seated = seat_components(
             m, g, x_train, config.seed + restart, method=PARTITIONS[config.init], progress=progress, anchors=anchors,
             weights=config.init_weights == "partition",
-        )
+        )  # fmt: skip
         record = {"pretrain_loss": losses, "kmeans_inertia": seated["inertia"]}
         assignments.append(seated["assignments"])
         if config.init_fit_epochs > 0:

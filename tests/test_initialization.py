@@ -92,7 +92,7 @@ def test_init_weights_partition_sets_pi_to_the_partition_proportions(prior):
     y, _ = _blobs(n=240)
     y = torch.cat([y, y[y[:, 0] > 0][:60]])  # clusters of unequal size
     uniform = model.prior.cluster_log_weights().clone()
-    seated = seat_components(model, guide, y, seed=0, shrink=0.1)  # the default keeps pi
+    seat_components(model, guide, y, seed=0, shrink=0.1)  # the default keeps pi
     assert torch.equal(model.prior.cluster_log_weights(), uniform)
     seated = seat_components(model, guide, y, seed=0, shrink=0.1, weights=True)
     proportions = torch.bincount(seated["assignments"], minlength=3).double() / len(y)
