@@ -139,7 +139,11 @@ class ClusterHeadGuide(ExactGuide):
     @staticmethod
     def model_regularization(regularization: Regularization) -> Regularization:
         """What the paired model applies to p(z | x, w): alpha and gamma; eta and free bits act on r = q(z|y) here."""
-        return Regularization(cv_weight=regularization.cv_weight, balance_weight=regularization.balance_weight)
+        return Regularization(
+            cv_weight=regularization.cv_weight,
+            balance_weight=regularization.balance_weight,
+            balance_tolerance=regularization.balance_tolerance,
+        )
 
     def cluster_log_probs(self, model, q: dict[str, torch.Tensor], x=None, w=None) -> torch.Tensor:
         """log r(z) = log q(z | y), shape (B, K); it depends on neither ``x`` nor ``w``."""

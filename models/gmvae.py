@@ -10,12 +10,12 @@ from pyro_gmvae.likelihoods import Likelihood
 from pyro_gmvae.objective import (
     ComponentNormal,
     Regularization,
-    balance_kl,
     cluster_log_posterior,
     entropy,
     kl_categorical,
     log_component_densities,
     posterior_from_densities,
+    tolerated_balance_kl,
     z_prior_adjustment,
 )
 from pyro_gmvae.priors import MixturePrior
@@ -119,7 +119,9 @@ class GMVAE(PyroModule):
         if reg.touches_z_prior:
             value = value + z_prior_adjustment(kl_categorical(log_r, log_pi), reg)
         if reg.balance_weight > 0:
-            value = value - reg.balance_weight * balance_kl(log_r, log_pi).unsqueeze(-1)
+            value = value - reg.balance_weight * tolerated_balance_kl(log_r, log_pi, reg.balance_tolerance).unsqueeze(
+                -1
+            )
         return value
 
     # --- the model ------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""The augmentation-consistency term (``--augment-weight``): an image and a slightly moved
+"""The augmentation-consistency term (``--augment-weight``): an example and a slightly moved
 copy of it should fall in the same cluster.
 
-For each training batch y, :func:`random_affine` draws a copy y' of every image, rotated by
-up to 10 degrees, scaled by up to 10 % and shifted by up to 2 pixels (bilinear
-resampling, zeros outside).  With r(z | y) the guide's cluster posterior at the posterior
-means (``guide.cluster_log_probs``; for the v2 guide the model's exact p(z | x, w)),
+For each training batch y, :func:`random_move` draws a copy y' of every example.  An image
+(``(C, H, W)`` or ``(H, W)``) is rotated by up to 10 degrees, scaled by up to 10 % and
+shifted by up to 2 pixels (:func:`random_affine`: bilinear resampling, zeros outside).  A
+feature vector (``(D,)``, a ``.npz`` table, standardised by ``--standardize features``) gets
+Gaussian noise of :data:`JITTER_STD` standard deviations per feature (:func:`random_jitter`):
+nearby points should share a cluster, the cluster assumption itself.  With r(z | y) the
+guide's cluster posterior at the posterior means (``guide.cluster_log_probs``; for the v2
+guide the model's exact p(z | x, w)),
 
     consistency(y) = -log sum_k r(k | y) r(k | y')          (nats per example, >= 0)
 
@@ -31,15 +35,33 @@ from pyro_gmvae.errors import UserInputError
 MAX_DEGREES = 10.0
 MAX_SCALE = 0.1  # relative
 MAX_SHIFT_PIXELS = 2.0
+JITTER_STD = 0.1  # per feature, in the units of standardised features
 
 
-def check_image_shape(data_shape: tuple[int, ...], data: str) -> None:
-    """Refuse ``--augment-weight`` for examples that are not images, (C, H, W) or (H, W)."""
-    if len(data_shape) not in (2, 3) or min(data_shape[-2:]) < 4:
+def is_image_shape(data_shape: tuple[int, ...]) -> bool:
+    """Examples of this shape are images, (C, H, W) or (H, W), at least 4 x 4."""
+    return len(data_shape) in (2, 3) and min(data_shape[-2:]) >= 4
+
+
+def check_shape(data_shape: tuple[int, ...], data: str) -> None:
+    """Refuse ``--augment-weight`` for examples that are neither images nor feature vectors."""
+    if len(data_shape) != 1 and not is_image_shape(data_shape):
         raise UserInputError(
-            f"--augment-weight moves images; {data} has examples of shape {tuple(data_shape)}, "
-            "not (C, H, W) or (H, W); pass --augment-weight 0"
+            f"--augment-weight moves images or feature vectors; {data} has examples of shape "
+            f"{tuple(data_shape)}, not (C, H, W), (H, W) or (D,); pass --augment-weight 0"
         )
+
+
+def random_move(y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The moved copies of a batch: :func:`random_jitter` for vectors (B, D), else :func:`random_affine`."""
+    return random_jitter(y, generator) if y.dim() == 2 else random_affine(y, generator)
+
+
+def random_jitter(y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``y`` (B, D) plus Gaussian noise of :data:`JITTER_STD` per entry, drawn on the CPU from
+    ``generator`` (B x D numbers), so the copies depend only on its state, whatever the device."""
+    noise = torch.randn(y.shape, generator=generator, dtype=torch.float64) * JITTER_STD
+    return y + noise.to(y)
 
 
 def random_affine(y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -89,6 +111,6 @@ class ConsistencyTerm:
         """``log_r``: the batch's (B, K) log r(z | y), if the caller has it already."""
         if log_r is None:
             log_r = self.guide.cluster_log_probs(self.model, self.guide.encode(y))
-        moved = random_affine(y, self.generator)
+        moved = random_move(y, self.generator)
         log_r_moved = self.guide.cluster_log_probs(self.model, self.guide.encode(moved))
         return consistency(log_r, log_r_moved).mean()

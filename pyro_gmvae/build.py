@@ -27,6 +27,7 @@ def build_model_and_guide(config: Config, data_shape: tuple[int, ...]):
         cv_weight=config.cv_weight,
         free_bits=config.free_bits,
         balance_weight=config.balance_weight,
+        balance_tolerance=config.balance_tolerance,
     )
     likelihood = LIKELIHOODS[config.likelihood]()
     prior = PRIORS[config.prior](config.K, config.x_dim, config.w_dim, config.hidden_dim)

@@ -54,7 +54,7 @@ DATA_PRESETS = {
 }
 # Options a .npz file's automatic defaults set but no static preset does: their value
 # everywhere else (and in runs saved before they existed).
-UNPRESET_DEFAULTS = {"init_select": "probe", "balance_weight": 0.0, "init_weights": "uniform"}
+UNPRESET_DEFAULTS = {"init_select": "probe", "balance_weight": 0.0, "balance_tolerance": 0.0, "init_weights": "uniform"}
 INITS = ("random", "vae-kmeans", "vae-umap")
 INIT_WEIGHTS = ("uniform", "partition")
 # The options of a vae-* start and their value under --init random (which has no partition).
@@ -209,11 +209,18 @@ class Config:
         "share of a batch costs every example (0: off) (default: 0; 10 for a .npz file without --labels)",
         check=non_negative_number,
     )
+    balance_tolerance: float | None = option(
+        None,
+        "tau, nats of KL(minibatch mean of p(z|x,w) || pi) the balance term lets pass: it costs gamma x max(0, KL "
+        "- tau), so a batch spread unevenly but not collapsed costs nothing (default: 0, every imbalance costs)",
+        check=non_negative_number,
+    )
     augment_weight: float | None = option(
         None,
         "weight of the augmentation-consistency term -log sum_k r(k|y) r(k|y') per example, added to the loss "
-        "of the GMVAE phase: y' is a copy of image y rotated by up to 10 degrees, scaled by 0.9-1.1 and "
-        "shifted by up to 2 pixels, and an image and its moved copy should share a cluster (images only; 0: off)",
+        "of the GMVAE phase: y' is a moved copy of y (an image rotated by up to 10 degrees, scaled by 0.9-1.1 "
+        "and shifted by up to 2 pixels; a feature vector plus Gaussian noise of 0.1 per standardised feature), "
+        "and y and y' should share a cluster (0: off)",
         check=non_negative_number,
     )
     seed: int = option(0, "random seed")

@@ -356,12 +356,12 @@ def hold_out(data: Dataset, n: int) -> None:
 
 def check_data_shape(config, data_shape: tuple[int, ...]) -> None:
     """The conv networks only take C x 28 x 28 or C x 32 x 32 images; ``--augment-weight``
-    only images."""
-    from pyro_gmvae.augment import check_image_shape
+    only images and feature vectors."""
+    from pyro_gmvae.augment import check_shape
     from pyro_gmvae.networks import CONV_LAYOUTS
 
     if config.augment_weight:
-        check_image_shape(data_shape, config.data)
+        check_shape(data_shape, config.data)
 
     if config.network == "conv" and (len(data_shape) != 3 or tuple(data_shape[1:]) not in CONV_LAYOUTS):
         sizes = " or ".join(f"C x {h} x {w}" for h, w in CONV_LAYOUTS)

@@ -14,7 +14,9 @@ with r = p(z|x,w) for the v2 guide and r = q(z|y) for the v1 guide.  Training ma
 ``ELBO - (eta - 1) z_prior - alpha cv - gamma balance`` per example; with free bits lambda > 0
 the z_prior term only passes gradient while its minibatch mean exceeds lambda.  The balance
 term (gamma > 0) compares the minibatch's average cluster posterior with pi: a cluster that
-takes more than its share of the batch costs every example, which no per-example term does.
+takes more than its share of the batch costs every example, which no per-example term does;
+with a tolerance tau > 0 the term is ``gamma max(0, balance - tau)``: only a batch spread
+further than tau nats from pi costs.
 """
 
 from __future__ import annotations
@@ -47,9 +49,16 @@ class Regularization:
     cv_weight: float = 0.0  # alpha; weight of the consistency-violation entropy
     free_bits: float = 0.0  # lambda; 0 turns free bits off
     balance_weight: float = 0.0  # gamma; weight of KL(minibatch mean of p(z|x,w) || pi) per example
+    balance_tolerance: float = 0.0  # tau; the balance term is gamma max(0, KL - tau) (0: the plain KL)
 
     def __post_init__(self):
-        for name in ("z_prior_weight", "cv_weight", "free_bits", "balance_weight"):  # the check of the Config fields
+        for name in (
+            "z_prior_weight",
+            "cv_weight",
+            "free_bits",
+            "balance_weight",
+            "balance_tolerance",
+        ):  # the check of the Config fields
             non_negative_number(name, getattr(self, name))
 
     @property
@@ -130,6 +139,18 @@ def balance_kl(log_r: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
     """
     log_mean = torch.logsumexp(log_r, -2) - math.log(log_r.shape[-2])
     return kl_categorical(log_mean, log_weights)
+
+
+def tolerated_balance_kl(log_r: torch.Tensor, log_weights: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """:func:`balance_kl` less a tolerance tau, floored at zero: max(0, KL(rbar || pi) - tau).
+
+    A batch whose spread departs from pi by at most tau nats costs nothing and passes no
+    gradient; a cluster that swallows the batch still does.  With 2 clusters and uniform pi,
+    tau = 0.13 tolerates a 25/75 batch (KL 0.131) and still charges a 5/95 one (KL 0.49).
+    ``tolerance`` 0 is :func:`balance_kl` itself (the same value, bit for bit).
+    """
+    kl = balance_kl(log_r, log_weights)
+    return kl if tolerance <= 0 else torch.clamp(kl - tolerance, min=0.0)
 
 
 def gated_z_prior(z_prior: torch.Tensor, free_bits: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from conftest import assert_resume_is_bit_for_bit, image_dataset
 
 from pyro_gmvae import Config, train
-from pyro_gmvae.augment import ConsistencyTerm, affine, consistency, random_affine
+from pyro_gmvae.augment import JITTER_STD, ConsistencyTerm, affine, check_shape, consistency, random_affine, random_move
 from pyro_gmvae.build import build_model_and_guide
 
 
@@ -105,3 +105,35 @@ def test_run_with_the_term_logs_it_and_resumes_bit_for_bit(tmp_path):
         Config(epochs=1, out=str(tmp_path / "plain"), **plain_flags), data=image_dataset(), make_figures=False
     )
     assert "augment" not in plain.history[0]
+
+
+def test_feature_vectors_get_seeded_gaussian_jitter():
+    """A (B, D) batch moves by JITTER_STD x N(0, 1) per entry, drawn from the generator alone."""
+    y = torch.zeros(4000, 5)
+    a = random_move(y, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, random_move(y, torch.Generator().manual_seed(3)), rtol=0, atol=0)
+    assert abs(float(a.mean())) < 0.01 and abs(float(a.std()) - JITTER_STD) < 0.005
+    images = torch.rand(2, 1, 12, 12)  # images still get the affine move, from the same draws
+    torch.testing.assert_close(
+        random_move(images, torch.Generator().manual_seed(4)), random_affine(images, torch.Generator().manual_seed(4))
+    )
+
+
+@pytest.mark.parametrize(
+    "shape, ok", [((2,), True), ((30,), True), ((1, 28, 28), True), ((2, 2), False), ((2, 3, 4, 5), False)]
+)
+def test_the_term_takes_images_and_feature_vectors(shape, ok):
+    if ok:
+        check_shape(shape, "x.npz")
+    else:
+        with pytest.raises(Exception, match="feature vectors"):
+            check_shape(shape, "x.npz")
+
+
+def test_the_term_on_feature_vectors_trains_the_encoder():
+    config = Config(data="x.npz", K=3, x_dim=2, w_dim=2, hidden_dim=8, likelihood="gaussian").resolved()
+    model, guide = build_model_and_guide(config, (6,))
+    value = ConsistencyTerm(model, guide, torch.Generator().manual_seed(0))(torch.randn(8, 6))
+    assert value.shape == () and 0 <= float(value.detach()) <= math.log(3) + 1e-5
+    value.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in guide.encoder.parameters())

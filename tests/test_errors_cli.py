@@ -100,8 +100,14 @@ CASES = [
     ("z-prior-weight-negative", ["--z-prior-weight", "-1"], None, ["--z-prior-weight", ">= 0"]),
     ("mc-samples-zero", ["--mc-samples", "0"], None, ["--mc-samples", "positive"]),
     ("free-bits-negative", ["--free-bits", "-0.5"], None, ["--free-bits", ">= 0"]),
+    ("balance-tolerance-negative", ["--balance-tolerance", "-0.1"], None, ["--balance-tolerance", ">= 0"]),
     ("augment-weight-negative", ["--augment-weight", "-1"], None, ["--augment-weight", ">= 0"]),
-    ("augment-on-vectors", ["--augment-weight", "1"], None, ["--augment-weight", "(2,)", "images"]),
+    (
+        "augment-on-tiny-images",
+        ["--augment-weight", "1"],
+        _npz("tiny.npz", x=_good.reshape(120, 2, 2)),
+        ["--augment-weight", "(2, 2)", "feature vectors"],
+    ),
     ("anchor-without-start", ["--init-anchor-epochs", "2"], None, ["--init-anchor-epochs", "vae-kmeans"]),
     (
         "anchor-with-labels",

@@ -26,6 +26,7 @@ GUIDES = ("v2", "v1")
 PLAIN = dict(z_prior_weight=1.0, cv_weight=0.0, free_bits=0.0)
 WEIGHTED = dict(z_prior_weight=1.7, cv_weight=0.3, free_bits=0.0)
 BALANCED = dict(WEIGHTED, balance_weight=0.8)  # plus gamma KL(batch mean of p(z|x,w) || pi)
+TOLERATED = dict(BALANCED, balance_tolerance=0.01)  # gamma max(0, KL - tau); M = 3 puts KLs on both sides
 
 
 def build(guide: str, prior: str = "uniform", **reg):
@@ -115,19 +116,23 @@ def hand_terms(model, guide, y, w_sample, x_sample):
     return elbo, z_prior, cv, balance
 
 
-def hand_loss(model, guide, y, w, x, eta, alpha, gate_shut=False, gamma=0.0):
+def hand_loss(model, guide, y, w, x, eta, alpha, gate_shut=False, gamma=0.0, tau=0.0):
     """-ELBO + (eta - 1) z_prior + alpha cv, averaged over particles, summed over the batch,
-    plus B gamma balance (the batch's term, once per example).
+    plus B gamma max(0, balance - tau) (the batch's term, once per example).
     With the free-bits gate shut, the eta * z_prior part passes no gradient."""
     elbo, z_prior, cv, balance = hand_terms(model, guide, y, w, x)
     if gate_shut:
         per_sample = -(elbo + z_prior) + eta * z_prior.detach() + alpha * cv
     else:
         per_sample = -elbo + (eta - 1) * z_prior + alpha * cv
+    if tau > 0:
+        balance = torch.where(balance > tau, balance - tau, torch.zeros_like(balance))
     return per_sample.mean(0).sum() + y.shape[0] * gamma * balance.mean(0)
 
 
-@pytest.mark.parametrize("reg", [PLAIN, WEIGHTED, BALANCED], ids=["plain", "weighted", "balanced"])
+@pytest.mark.parametrize(
+    "reg", [PLAIN, WEIGHTED, BALANCED, TOLERATED], ids=["plain", "weighted", "balanced", "tolerated"]
+)
 @pytest.mark.parametrize("num_particles", [1, 3])
 @pytest.mark.parametrize("prior", ["uniform", "learned"])
 @pytest.mark.parametrize("guide_name", GUIDES)
@@ -137,9 +142,8 @@ def test_traceenum_loss_and_gradients_equal_hand_written_sum(y, guide_name, prio
     pyro.set_rng_seed(7)
     loss = loss_fn(y)
     w, x = guide_samples(guide, y, num_particles, seed=7)
-    expected = hand_loss(
-        model, guide, y, w, x, reg["z_prior_weight"], reg["cv_weight"], gamma=reg.get("balance_weight", 0)
-    )
+    gamma, tau = reg.get("balance_weight", 0), reg.get("balance_tolerance", 0)
+    expected = hand_loss(model, guide, y, w, x, reg["z_prior_weight"], reg["cv_weight"], gamma=gamma, tau=tau)
 
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
     parameters = params(model, guide)
@@ -358,3 +362,24 @@ def test_particle_count_keeps_the_expectation(y, guide_name):
     se = math.sqrt(samples[1].var() / num_evals + samples[5].var() / num_evals)
     assert abs(mean1 - mean5) < 4 * se, (float(mean1), float(mean5), se)
     assert samples[5].std() < 0.7 * samples[1].std()
+
+
+def test_balance_tolerance_closed_form_and_dead_zone():
+    """max(0, KL(rbar || pi) - tau): a 25/75 batch against uniform pi has KL 0.75 log 1.5 + 0.25 log 0.5."""
+    from pyro_gmvae.objective import balance_kl, tolerated_balance_kl
+
+    probs = torch.tensor([[0.5, 0.5], [0.0, 1.0]], dtype=torch.float64).clamp_min(1e-300)
+    log_r = probs.log().requires_grad_(True)
+    log_pi = torch.full((2,), 0.5, dtype=torch.float64).log()
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # 0.1308 nats
+    torch.testing.assert_close(balance_kl(log_r, log_pi), torch.tensor(kl, dtype=torch.float64))
+    assert torch.equal(tolerated_balance_kl(log_r, log_pi, 0.0), balance_kl(log_r, log_pi))  # tau 0: the plain KL
+    crossed = tolerated_balance_kl(log_r, log_pi, 0.1)
+    torch.testing.assert_close(crossed, torch.tensor(kl - 0.1, dtype=torch.float64))
+    (grad_crossed,) = torch.autograd.grad(crossed, log_r)
+    (grad_plain,) = torch.autograd.grad(balance_kl(log_r, log_pi), log_r)
+    torch.testing.assert_close(grad_crossed, grad_plain)  # past tau: the KL's own gradient
+    tolerated = tolerated_balance_kl(log_r, log_pi, 0.2)
+    assert tolerated.item() == 0.0
+    (grad_tolerated,) = torch.autograd.grad(tolerated, log_r)
+    assert torch.count_nonzero(grad_tolerated) == 0  # within tau: no gradient at all
