@@ -297,13 +297,17 @@ class CompiledELBOModule(ELBOModule):
 def _simplify(graph: torch.Graph) -> None:
     """Value-preserving clean-up of a traced graph before its first run.
 
-    Inlines the submodules' calls into one graph (no interpreter frame per module), folds
-    what depends on constants only (the traced sizes and their int/tensor conversions,
-    computed once here by the same kernels), and drops what nothing uses.  No arithmetic
+    Inlines the submodules' calls into one graph (no interpreter frame per module), lets
+    the peephole pass resolve what the recorded shapes fix (``aten::size`` of a tensor whose
+    shape the trace recorded, an ``expand`` or ``broadcast_tensors`` to the shape a tensor
+    already has), folds what depends on constants only (those sizes and their int/tensor
+    conversions, constant ``zeros``/``ones``, computed once here by the same kernels), and
+    drops what nothing uses: about a quarter of the nodes of the MNIST network's graph.  No arithmetic
     on data is reordered, merged or rewritten, so the replay stays bit for bit the eager
     step (``tests/test_compiled_elbo.py``).
     """
     torch._C._jit_pass_inline(graph)
+    torch._C._jit_pass_peephole(graph, False)
     torch._C._jit_pass_constant_propagation(graph)
     torch._C._jit_pass_dce(graph)
 
