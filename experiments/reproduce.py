@@ -4,6 +4,7 @@
     python experiments/reproduce.py --grid k10 --seeds 5 --epochs 10
     python experiments/reproduce.py --grid levers --train-subset 10000 --epochs 3
     python experiments/reproduce.py --grid k16 --seeds 3
+    python experiments/reproduce.py --grid scratch --only 1 --seeds 3 --jobs 2   # 2 cells at once, 1 thread each
     python experiments/reproduce.py --grid paper --device cuda   # K 10/16/30 x M 1/10 x v1/v2
 
 Every (setting, seed) cell trains into its own run folder
@@ -23,13 +24,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import git_commit, machine, summary, trained_config
+from common import git_commit, locked, machine, summary, trained_config
 
 from pyro_gmvae import train
 from pyro_gmvae.checkpoint import CHECKPOINT_NAME
@@ -408,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train this many cells at once, each in its own process at --threads (default 1 there); "
+        "on 2 cores, 2 jobs at 1 thread train two seeds in about the time one takes at 2 threads",
+    )
     p.add_argument("--data-root")
     p.add_argument("--results", default=str(RESULTS), help="folder for mnist.json, mnist.md and runs/")
     args = p.parse_args(argv)
@@ -422,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     json_path = results_dir / ("mnist_val.json" if args.validation else "mnist.json")
     md_path = json_path.with_suffix(".md")
     settings = [s for i, s in enumerate(grid_settings(args.grid)) if args.only is None or i in args.only]
+    if args.jobs > 1:
+        indices = [i for i in range(len(grid_settings(args.grid))) if args.only is None or i in args.only]
+        return run_jobs(args, indices, seeds)
 
     if args.continue_from is not None:
         # A constant learning rate makes the resumed cell the same run as one trained from
@@ -444,43 +457,86 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  seed {seed}: error: {err}", file=sys.stderr)
                 per_seed.append({"seed": seed, "error": str(err)})
         finished = [r for r in per_seed if "error" not in r]
-        # Re-read just before writing: several benchmark processes may share the file.
-        results = json.loads(json_path.read_text()) if json_path.is_file() else {"settings": {}}
-        entry = results["settings"].get(name, {"per_seed": []})
-        merged = {r["seed"]: r for r in entry["per_seed"]}
-        merged.update({r["seed"]: r for r in per_seed})
-        per_seed_all = [merged[k] for k in sorted(merged)]
-        ok = [r for r in per_seed_all if "error" not in r]
-        results["settings"][name] = {
-            "grid": args.grid,
-            "config": setting,
-            "epochs": epochs,
-            "train_subset": args.train_subset,
-            "test_subset": args.test_subset,
-            "validation": args.validation,
-            "paper_key": paper_key(setting),
-            "resolved_config": next(
-                (r["resolved_config"] for r in ok if r.get("resolved_config")), entry.get("resolved_config")
-            ),
-            "provenance": entry.get("provenance"),
-            "machine": next((r["machine"] for r in ok if r.get("machine")), machine(args.device)),
-            "per_seed": per_seed_all,
-            "summary": summarise(ok) if ok else {},
-        }
-        results["paper"] = PAPER
-        results_dir.mkdir(parents=True, exist_ok=True)
-        tmp = json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(json_path)
-        write_markdown(
-            {"settings": {k: v for k, v in results["settings"].items() if v["summary"]}}, md_path, args.validation
-        )
+        with locked(results_dir / "runs" / json_path.name):  # several processes may share the file (--jobs)
+            write_results(args, name, setting, epochs, per_seed, json_path, md_path)
         if finished:
             h = summarise(finished)["acc_hungarian"]
             print(
                 f"  acc_hungarian {100 * h['mean']:.1f} +- {100 * h['std']:.1f} over {len(finished)} seeds", flush=True
             )
     return 0
+
+
+def write_results(args, name: str, setting: dict, epochs: int, per_seed: list, json_path: Path, md_path: Path) -> None:
+    """Merge one setting's cells into the results file (re-read just before writing) and render the table."""
+    results = json.loads(json_path.read_text()) if json_path.is_file() else {"settings": {}}
+    entry = results["settings"].get(name, {"per_seed": []})
+    merged = {r["seed"]: r for r in entry["per_seed"]}
+    merged.update({r["seed"]: r for r in per_seed})
+    per_seed_all = [merged[k] for k in sorted(merged)]
+    ok = [r for r in per_seed_all if "error" not in r]
+    results["settings"][name] = {
+        "grid": args.grid,
+        "config": setting,
+        "epochs": epochs,
+        "train_subset": args.train_subset,
+        "test_subset": args.test_subset,
+        "validation": args.validation,
+        "paper_key": paper_key(setting),
+        "resolved_config": next(
+            (r["resolved_config"] for r in ok if r.get("resolved_config")), entry.get("resolved_config")
+        ),
+        "provenance": entry.get("provenance"),
+        "machine": next((r["machine"] for r in ok if r.get("machine")), machine(args.device)),
+        "per_seed": per_seed_all,
+        "summary": summarise(ok) if ok else {},
+    }
+    results["paper"] = PAPER
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(json_path)
+    write_markdown(
+        {"settings": {k: v for k, v in results["settings"].items() if v["summary"]}}, md_path, args.validation
+    )
+
+
+def run_jobs(args, indices: list[int], seeds: range) -> int:
+    """``--jobs N``: every (setting, seed) cell in a process of its own, N at a time.
+
+    Each child is this script for one cell (``--only i --seeds 1 --first-seed s``) at
+    ``--threads`` (1 unless given) with ``OMP_WAIT_POLICY=PASSIVE`` unless set (busy
+    OpenMP waits of two processes stall each other on a small machine); the children
+    merge their cells into the results file under a lock.  Returns the worst exit status.
+    """
+    common = ["--grid", args.grid, "--device", args.device, "--results", args.results]
+    for flag_name in ("epochs", "train_subset", "test_subset", "validation", "continue_from", "data_root"):
+        if getattr(args, flag_name) is not None:
+            common += [f"--{flag_name.replace('_', '-')}", str(getattr(args, flag_name))]
+    common += ["--threads", str(args.threads or 1)]
+    cells = [(i, seed) for i in indices for seed in seeds]
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    running: list[subprocess.Popen] = []
+    status = 0
+    for i, seed in cells:
+        while len(running) >= args.jobs:
+            status = max(status, _wait_any(running))
+        cell = ["--only", str(i), "--seeds", "1", "--first-seed", str(seed)]
+        print(f"{args.grid}: setting {i}, seed {seed} in a process of its own", flush=True)
+        running.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *common, *cell], env=env))
+    while running:
+        status = max(status, _wait_any(running))
+    return status
+
+
+def _wait_any(running: list) -> int:
+    """Wait until one of ``running`` ends; remove it and return its exit status."""
+    while True:
+        for proc in running:
+            if proc.poll() is not None:
+                running.remove(proc)
+                return proc.returncode
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

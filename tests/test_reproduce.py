@@ -67,6 +67,18 @@ def test_smoke_grid_is_resumable(tmp_path, capsys):
     assert json.loads((tmp_path / "mnist.json").read_text())["settings"][name]["per_seed"] == entry["per_seed"]
 
 
+def test_jobs_train_the_cells_in_processes_of_their_own(tmp_path, capsys):
+    """--jobs 2: one child process per seed, both merged into one results file under its lock."""
+    reproduce = _reproduce()
+    base = ["--grid", "smoke", "--only", "0", "--train-subset", "200", "--test-subset", "100", "--epochs", "1"]
+    assert reproduce.main([*base, "--seeds", "2", "--jobs", "2", "--results", str(tmp_path / "jobs")]) == 0
+    assert capsys.readouterr().out.count("in a process of its own") == 2
+    settings = json.loads((tmp_path / "jobs" / "mnist.json").read_text())["settings"]
+    ((name, entry),) = settings.items()
+    assert [r["seed"] for r in entry["per_seed"]] == [0, 1] and entry["summary"]["num_seeds"] == 2
+    assert (tmp_path / "jobs" / "runs" / "smoke" / f"{name}-s1" / "metrics.json").is_file()
+
+
 def test_readme_mnist_numbers_come_from_the_committed_results():
     """Every "mean +- std" of the README's MNIST headline and of results/mnist_notes.md (with or
     without [worst, best]) is a summary in experiments/results/mnist.json, formatted as
