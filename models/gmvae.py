@@ -119,9 +119,8 @@ class GMVAE(PyroModule):
         if reg.touches_z_prior:
             value = value + z_prior_adjustment(kl_categorical(log_r, log_pi), reg)
         if reg.balance_weight > 0:
-            value = value - reg.balance_weight * tolerated_balance_kl(log_r, log_pi, reg.balance_tolerance).unsqueeze(
-                -1
-            )
+            balance = tolerated_balance_kl(log_r, log_pi, reg.balance_tolerance)
+            value = value - reg.balance_weight * balance.unsqueeze(-1)
         return value
 
     # --- the model ------------------------------------------------------------------
