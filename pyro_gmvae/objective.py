@@ -52,13 +52,8 @@ class Regularization:
     balance_tolerance: float = 0.0  # tau; the balance term is gamma max(0, KL - tau) (0: the plain KL)
 
     def __post_init__(self):
-        for name in (
-            "z_prior_weight",
-            "cv_weight",
-            "free_bits",
-            "balance_weight",
-            "balance_tolerance",
-        ):  # the check of the Config fields
+        names = ("z_prior_weight", "cv_weight", "free_bits", "balance_weight", "balance_tolerance")
+        for name in names:  # the check of the Config fields
             non_negative_number(name, getattr(self, name))
 
     @property
