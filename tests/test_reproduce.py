@@ -67,6 +67,7 @@ def test_smoke_grid_is_resumable(tmp_path, capsys):
     assert json.loads((tmp_path / "mnist.json").read_text())["settings"][name]["per_seed"] == entry["per_seed"]
 
 
+@requires_mnist
 def test_jobs_train_the_cells_in_processes_of_their_own(tmp_path, capsys):
     """--jobs 2: one child process per seed, both merged into one results file under its lock."""
     reproduce = _reproduce()
