@@ -431,9 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = results_dir / "runs" / args.grid
     json_path = results_dir / ("mnist_val.json" if args.validation else "mnist.json")
     md_path = json_path.with_suffix(".md")
-    settings = [s for i, s in enumerate(grid_settings(args.grid)) if args.only is None or i in args.only]
+    every = grid_settings(args.grid)
+    indices = [i for i in range(len(every)) if args.only is None or i in args.only]
+    settings = [every[i] for i in indices]
     if args.jobs > 1:
-        indices = [i for i in range(len(grid_settings(args.grid))) if args.only is None or i in args.only]
         return run_jobs(args, indices, seeds)
 
     if args.continue_from is not None:
