@@ -60,6 +60,7 @@ INIT_WEIGHTS = ("uniform", "partition")
 # The options of a vae-* start and their value under --init random (which has no partition).
 _RANDOM_START = (("init_restarts", 1), ("init_fit_epochs", 0), ("init_anchor_epochs", 0), ("init_weights", "uniform"))
 ELBO_MODES = ("compiled", "eager")
+ADAM_KERNELS = ("auto", "fused")
 
 
 def flag(name: str) -> str:
@@ -157,6 +158,13 @@ class Config:
         "compiled: each training step replays a traced graph of TraceEnum_ELBO's loss (same loss and "
         "gradients, less Python per step); eager: Pyro's own step",
         choices=ELBO_MODES,
+    )
+    adam_kernel: str = option(
+        "auto",
+        "auto: torch's fused Adam kernel on a GPU, its default kernel on the CPU (the committed CPU results were "
+        "made with it); fused: the fused kernel on the CPU too (a much faster optimiser step, float32 rounding "
+        "differs)",
+        choices=ADAM_KERNELS,
     )
     kl_warmup: int | None = option(
         None, "epochs over which the KL terms' weight rises linearly to 1 (0: off)", check=non_negative_int

@@ -79,12 +79,14 @@ def pretrain_vae(
     lr: float,
     generator: torch.Generator,
     progress: bool = False,
+    adam_kernel: str = "auto",
 ) -> list[float]:
     """Train the encoder's x-path and the decoder as a VAE with p(x) = N(0, I).
 
     The w-path, the prior network and the cluster head (v1) are untouched.  Uses its own
-    Adam optimiser; shuffles with ``generator``.  Returns the mean loss (negative ELBO of
-    the plain VAE, nats per example) of each epoch.
+    Adam optimiser (``adam_kernel``: see :func:`pyro_gmvae.loop.adam`); shuffles with
+    ``generator``.  Returns the mean loss (negative ELBO of the plain VAE, nats per
+    example) of each epoch.
     """
     encoder = guide.encoder
     params = [
@@ -94,7 +96,7 @@ def pretrain_vae(
         *model.decoder.parameters(),
         *model.likelihood.parameters(),
     ]
-    optimizer = adam(params, lr)
+    optimizer = adam(params, lr, adam_kernel)
 
     def vae_loss(y: torch.Tensor) -> torch.Tensor:
         q = encoder(y)
@@ -160,6 +162,7 @@ def fit_to_partition(
     num_particles: int,
     generator: torch.Generator,
     progress: bool = False,
+    adam_kernel: str = "auto",
 ) -> dict:
     """Train the whole GMVAE on its objective plus ``weight`` x the cross-entropy to ``labels``.
 
@@ -171,7 +174,7 @@ def fit_to_partition(
     """
     batch_size = min(batch_size, len(x_points))  # --batch-size may exceed the 20,000 partitioned
     loss_fn = make_elbo(num_particles)(model, guide)
-    optimizer = adam(loss_fn.parameters(), lr)
+    optimizer = adam(loss_fn.parameters(), lr, adam_kernel)
     model.train()
     guide.train()
     labels = labels.to(x_points.device)
@@ -209,6 +212,7 @@ def probe_start(
     generator: torch.Generator,
     score_points: int = 10000,
     progress: bool = False,
+    adam_kernel: str = "auto",
 ) -> dict:
     """Train a copy of a seated GMVAE for ``epochs`` and score it; ``model`` and ``guide`` are untouched.
 
@@ -219,7 +223,7 @@ def probe_start(
     """
     model, guide = copy.deepcopy(model), copy.deepcopy(guide)
     loss_fn = make_elbo(num_particles)(model, guide)
-    optimizer = adam(loss_fn.parameters(), lr)
+    optimizer = adam(loss_fn.parameters(), lr, adam_kernel)
     model.train()
     guide.train()
     bar = progress_bar(epochs * (len(x_train) // batch_size), "probe of a start", progress)
@@ -280,8 +284,9 @@ def initialize(
     for restart in range(restarts):
         m, g = (model, guide) if restart == 0 else build()
         losses = pretrain_vae(
-            m, g, x_train, config.pretrain_epochs, config.batch_size, config.pretrain_lr, shuffle, progress=progress
-        )
+            m, g, x_train, config.pretrain_epochs, config.batch_size, config.pretrain_lr, shuffle, progress=progress,
+            adam_kernel=config.adam_kernel,
+        )  # fmt: skip
         seated = seat_components(
             m, g, x_train, config.seed + restart, method=PARTITIONS[config.init], progress=progress, anchors=anchors,
             weights=config.init_weights == "partition",
@@ -293,11 +298,12 @@ def initialize(
             record["fit"] = fit_to_partition(
                 m, g, x_train[: len(labels)], labels, config.init_fit_epochs, config.batch_size,
                 config.pretrain_lr, config.init_fit_weight, config.mc_samples, shuffle, progress=progress,
+                adam_kernel=config.adam_kernel,
             )  # fmt: skip
         if probing:
             probe = probe_start(
                 m, g, x_train, config.init_probe_epochs, config.batch_size, config.lr, config.mc_samples, shuffle,
-                progress=progress,
+                progress=progress, adam_kernel=config.adam_kernel,
             )  # fmt: skip
             finite = math.isfinite(probe["loss"])  # a diverged probe (inf) is never kept
             record.update(

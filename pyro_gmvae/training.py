@@ -321,7 +321,7 @@ def _train(config, info, device, folder, state, data, overwrite, make_figures) -
     # --init-anchor-epochs, the cross-entropy to the start's partition with a falling weight.
     consistency = augment.ConsistencyTerm(model, guide, shuffle) if config.augment_weight else None
     anchor = PartitionTerm(model, guide, partition, len(x_train)) if config.init_anchor_epochs else None
-    optimizer = adam(parameter_groups(model, loss_fn, config), config.lr)
+    optimizer = adam(parameter_groups(model, loss_fn, config), config.lr, config.adam_kernel)
     history, start_epoch = _restore(state, model, guide, optimizer, shuffle)
     if info.enabled:  # same init on every rank; Monte Carlo noise of its own per rank
         pyro.set_rng_seed(distributed.rank_seed(config.seed, info.rank, start_epoch))

@@ -409,3 +409,24 @@ def test_no_fit_by_default_and_none_without_a_partition(tmp_path):
         train(Config(out=str(tmp_path / "r"), epochs=1, init="vae-kmeans", init_fit_epochs=-1, **SMALL))
     with pytest.raises(UserInputError, match="--init-fit-weight must be a finite number >= 0"):
         train(Config(out=str(tmp_path / "r"), epochs=1, init="vae-kmeans", init_fit_weight=-1.0, **SMALL))
+
+
+def test_adam_kernel_reaches_every_optimiser_of_the_start(tmp_path, monkeypatch):
+    """--adam-kernel fused: pretraining, the fit, the probes and the GMVAE phase all get it."""
+    import pyro_gmvae.initialization as initialization
+    import pyro_gmvae.training as training
+    from pyro_gmvae.loop import adam
+
+    kernels = []
+
+    def recording_adam(params, lr, kernel="auto"):
+        kernels.append(kernel)
+        return adam(params, lr, kernel)
+
+    monkeypatch.setattr(initialization, "adam", recording_adam)
+    monkeypatch.setattr(training, "adam", recording_adam)
+    config = Config(out=str(tmp_path / "r"), epochs=1, init="vae-kmeans", pretrain_epochs=1, init_fit_epochs=1,
+                    init_restarts=2, init_select="probe", adam_kernel="fused", **SMALL)  # fmt: skip
+    train(config, make_figures=False)
+    # two starts: pretraining, fit and probe each, then the GMVAE phase
+    assert kernels == ["fused"] * 7

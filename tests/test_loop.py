@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 
@@ -102,6 +105,30 @@ def test_adam_is_torchs_default_kernel_on_the_cpu():
     layer = torch.nn.Linear(3, 1)
     optimizer = adam(layer.parameters(), lr=1e-3)
     assert not any(group["fused"] for group in optimizer.param_groups)
+
+
+def test_adam_kernel_fused_asks_for_the_fused_kernel_on_the_cpu():
+    layer = torch.nn.Linear(3, 1)
+    optimizer = adam(layer.parameters(), lr=1e-3, kernel="fused")
+    assert all(group["fused"] for group in optimizer.param_groups)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        adam(layer.parameters(), lr=1e-3, kernel="foreach")
+
+
+def test_fused_adam_on_the_cpu_skips_a_non_finite_step_and_the_later_ones():
+    """run_epoch's guard with the fused CPU kernel: the weights end as after the good steps alone."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(2, 1)
+    good = copy.deepcopy(layer)
+    x = torch.randn(8, 2)
+    x[4] = math.nan
+    in_order = lambda perm, step, b: torch.arange(step * b, (step + 1) * b)  # noqa: E731
+    run_epoch(lambda y: good(y).sum(), adam(good.parameters(), 0.1, "fused"), x[:4], 1, torch.Generator(),
+              batch_indices=in_order)  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="step 5"):
+        run_epoch(lambda y: layer(y).sum(), adam(layer.parameters(), 0.1, "fused"), x, 1, torch.Generator(),
+                  batch_indices=in_order)  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(good.parameters(), layer.parameters(), strict=True))
 
 
 @pytest.mark.cuda

@@ -140,3 +140,14 @@ def test_cli_refuses_fewer_epochs_than_done(tmp_path, capsys):
     assert cli.main(["--out", str(tmp_path), "--resume", "--epochs", "1"]) == 2
     assert "--epochs is the total" in capsys.readouterr().err
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_with_the_fused_adam_kernel_is_bit_identical(tmp_path):
+    """--adam-kernel fused: the checkpoint holds the fused optimiser and resumes it bit for bit."""
+    small = dict(SMALL, adam_kernel="fused")
+    train(Config(epochs=4, out=str(tmp_path / "one"), **small), make_figures=False)
+    train(Config(epochs=2, out=str(tmp_path / "half"), **small), make_figures=False)
+    train(Config(epochs=4, out=str(tmp_path / "half"), **small), resume=True, make_figures=False)
+    _assert_same_checkpoints(tmp_path / "one", tmp_path / "half")
+    groups = load_checkpoint(tmp_path / "half" / CHECKPOINT_NAME)["optimizer"]["param_groups"]
+    assert groups and all(group["fused"] for group in groups)
