@@ -115,10 +115,14 @@ def load_split(path: Path, val: bool) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` items: a VALUE that reads as JSON (numbers, true, null, lists) is that, else a string."""
     out = {}
     for item in items:
         key, value = item.split("=", 1)
-        out[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:  # a word such as fused or partition
+            out[key] = value
     return out
 
 

@@ -165,3 +165,9 @@ def test_show_config_prints_what_a_npz_run_would_use(tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     expected = npz_defaults(np.load(path)["x"][:270], 3)  # the training split: all but the last 10 %
     assert {k: shown[k] for k in expected} == expected and shown["standardize"] == "features"
+
+
+def test_overrides_read_json_values_and_keep_words():
+    own_data = load_script("own_data")
+    parsed = own_data.parse_overrides(["batch_size=64", "lr=3e-4", "adam_kernel=fused", "prior=learned", "x=null"])
+    assert parsed == {"batch_size": 64, "lr": 3e-4, "adam_kernel": "fused", "prior": "learned", "x": None}
