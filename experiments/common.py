@@ -66,7 +66,9 @@ def summary(values: list[float], low: str = "min", high: str = "max") -> dict:
 
 def git_commit(repo: Path | None = None) -> dict:
     """The commit a result was made at: ``sha`` (None outside a git checkout) and whether the
-    work tree held uncommitted changes to tracked files (``dirty``)."""
+    work tree held uncommitted changes to tracked files (``dirty``) outside
+    ``experiments/results/``: the committed results are what the scripts write, so a result
+    file updated by an earlier cell of the same run does not count."""
     import subprocess
 
     repo = repo or Path(__file__).resolve().parents[1]
@@ -75,7 +77,12 @@ def git_commit(repo: Path | None = None) -> dict:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {
+            "sha": git("rev-parse", "HEAD"),
+            "dirty": bool(
+                git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)experiments/results")
+            ),
+        }
     except (OSError, subprocess.CalledProcessError):
         return {"sha": None, "dirty": None}
 

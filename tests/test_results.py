@@ -148,3 +148,26 @@ def test_readme_speed_rows_come_from_speed_json():
     kinds = [(e["elbo"], e["init"], e.get("adam_kernel", "auto")) for e in result["epochs"]]
     epoch = result["epochs"][kinds.index(("compiled", "random", "auto"))]
     assert f"takes {epoch['train_seconds']:.1f} s on 2 CPU threads" in README
+
+
+def test_a_results_file_written_by_an_earlier_cell_does_not_make_the_tree_dirty(tmp_path):
+    """git_commit's ``dirty``: uncommitted changes to tracked files, except the committed results."""
+    import subprocess
+
+    common = load_script("common")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    (tmp_path / "lib.py").write_text("a = 1\n")
+    (tmp_path / "experiments" / "results" / "r.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "start")
+    assert common.git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "experiments" / "results" / "r.json").write_text('{"seed 0": 1}\n')
+    assert common.git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "lib.py").write_text("a = 2\n")
+    assert common.git_commit(tmp_path)["dirty"] is True
