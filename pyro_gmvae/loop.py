@@ -45,9 +45,9 @@ def adam(params, lr: float, kernel: str = "auto") -> torch.optim.Adam:
     step on the device (``found_inf``) instead of reading a flag back every step.  On the
     CPU the default kernel keeps every CPU result committed under ``experiments/results``
     (and the behaviour pins) reproducible bit for bit: the fused kernel rounds differently
-    in float32.  It is much faster there, though (one pass over the parameters instead of
-    about ten per tensor; for the MNIST network's 3.8 million parameters the step itself
-    took 2.9 against 18.5 ms at 1 thread), hence ``--adam-kernel fused``.
+    in float32.  The fused kernel is much faster there too (one vectorised pass over the
+    parameters instead of several per tensor: ``experiments/bench_speed.py`` times an MNIST
+    epoch with each), hence ``--adam-kernel fused``.
     """
     if kernel not in ADAM_KERNELS:
         raise ValueError(f"adam: kernel must be one of {ADAM_KERNELS}, got {kernel!r}")
