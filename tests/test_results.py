@@ -147,7 +147,9 @@ def test_readme_speed_rows_come_from_speed_json():
         assert cells == expected, side
     kinds = [(e["elbo"], e["init"], e.get("adam_kernel", "auto")) for e in result["epochs"]]
     epoch = result["epochs"][kinds.index(("compiled", "random", "auto"))]
-    assert f"takes {epoch['train_seconds']:.1f} s on 2 CPU threads" in README
+    assert f"took {epoch['train_seconds']:.1f} s on 2 CPU threads" in README
+    fused = result["epochs"][kinds.index(("compiled", "random", "fused"))]
+    assert f"{fused['train_seconds']:.1f} s with `--adam-kernel fused`" in README
 
 
 def test_a_results_file_written_by_an_earlier_cell_does_not_make_the_tree_dirty(tmp_path):
