@@ -173,6 +173,7 @@ def run_set(name: str, path: Path, args, overrides: dict) -> dict:
         if seed == args.seeds[0]:
             entry["config_seed0"] = {k: _rel(v) for k, v in result.config.to_dict().items() if k != "extra"}
         print(f"{name} seed {seed}: {accs[-1]:.4f} (start {starts[-1]}) in {seconds[-1]:.0f}s", flush=True)
+    commit = git_commit()  # one read of the work tree: sha and dirty flag from the same moment
     entry.update(
         acc_hungarian=statistics.mean(accs),
         acc_hungarian_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -182,8 +183,8 @@ def run_set(name: str, path: Path, args, overrides: dict) -> dict:
         seeds=list(args.seeds),
         seconds_per_run=seconds,
         torch_threads_after_run=threads,
-        git_commit=git_commit()["sha"],
-        git_dirty=git_commit()["dirty"],  # uncommitted changes to tracked files when the set ended
+        git_commit=commit["sha"],
+        git_dirty=commit["dirty"],  # uncommitted changes to tracked files when the set ended
         machine=machine(),
     )
     return entry
