@@ -60,6 +60,34 @@ def test_readme_mnist_cells_were_made_at_todays_defaults(name):
     assert (entry["provenance"] or {}).get("first_committed_in") or all(r["commit"] for r in entry["per_seed"])
 
 
+def _pm(summary: dict, key: str) -> str:
+    """A cell of the README's MNIST table: mean +- std in %, the mean alone for one seed."""
+    mean, std = 100 * summary[key]["mean"], 100 * summary[key]["std"]
+    return f"{mean:.1f}" if summary["num_seeds"] == 1 else f"{mean:.1f} +- {std:.1f}"
+
+
+def test_readme_scratch_rows_come_from_mnist_json():
+    """Each README row made by ``reproduce.py --grid scratch --only N`` quotes that cell's summary."""
+    reproduce = load_script("reproduce")
+    settings = reproduce.grid_settings("scratch")
+    epochs = reproduce.GRIDS["scratch"]["epochs"]
+    rows = [
+        line for line in README.splitlines() if line.startswith("|") and "`reproduce.py --grid scratch --only" in line
+    ]
+    assert rows
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        index = int(cells[-1].split("--only ")[1].split()[0].rstrip("`"))
+        name = f"{reproduce.setting_name(settings[index], None)}-e{epochs}"
+        summary = _json("mnist.json")["settings"][name]["summary"]
+        assert cells[1:5] == [
+            str(settings[index]["K"]),
+            str(summary["num_seeds"]),
+            _pm(summary, "acc_paper"),
+            _pm(summary, "acc_hungarian"),
+        ], row
+
+
 def test_readme_spiral_numbers_were_made_at_todays_defaults():
     spiral = _json("spiral.json")
     _same_training(spiral["config"], trained_config(Config().resolved().to_dict()))
