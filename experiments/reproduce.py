@@ -163,13 +163,14 @@ GRIDS = {
     "selftrain": dict(
         seeds=1, epochs=6, settings=[dict(DEFAULT, pseudo_labels=n, label_weight=50.0) for n in (3000, 10000)]
     ),
-    # K = 30 with --adam-kernel fused: the same Adam update through torch's fused CPU kernel
-    # (other float32 rounding), so that a cell fits in a session (about 40 s an epoch at 2
-    # threads against 52 s; K = 10 and 16 ran with the default kernel).
+    # K = 30 with --adam-kernel fused (the same Adam update through torch's fused CPU kernel,
+    # other float32 rounding) and --flush-denormal (its epochs slowed from 42 s to over 200 s
+    # by epoch 10 on denormal floats: bench_denormal.py), so that a cell fits in a session;
+    # K = 10 and 16 ran with neither.
     "scratch": dict(
         seeds=5, epochs=150,
         settings=[dict(K=10, lr=1e-4, batch_size=100), dict(K=16, lr=1e-4, batch_size=100),
-                  dict(K=30, lr=1e-4, batch_size=100, adam_kernel="fused")],
+                  dict(K=30, lr=1e-4, batch_size=100, adam_kernel="fused", flush_denormal=True)],
     ),
     "paper": dict(
         seeds=5, epochs=100,
@@ -226,6 +227,8 @@ def setting_name(s: dict, train_subset: int | None, validation: int | None = Non
         name += f"-pseudo{s['pseudo_labels']}w{s.get('label_weight', 1.0):g}"
     if s.get("adam_kernel", "auto") != "auto":
         name += f"-adam{s['adam_kernel']}"
+    if s.get("flush_denormal"):
+        name += "-ftz"
     return name + (f"-n{train_subset}" if train_subset else "") + (f"-val{validation}" if validation else "")
 
 

@@ -166,6 +166,13 @@ class Config:
         "differs)",
         choices=ADAM_KERNELS,
     )
+    flush_denormal: bool = option(
+        False,
+        "treat denormal floats (below 1.2e-38 in float32) as zero on the CPU for the run: matrix products "
+        "slow down many times on them, and long runs from scratch at large K meet them "
+        "(experiments/bench_denormal.py); off by default, the committed results were made without it",
+        action="store_true",
+    )
     kl_warmup: int | None = option(
         None, "epochs over which the KL terms' weight rises linearly to 1 (0: off)", check=non_negative_int
     )

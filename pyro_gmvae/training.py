@@ -11,6 +11,7 @@ warm-up) are functions of the epoch, passed into each epoch as arguments.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -255,6 +256,21 @@ def _finish(folder, model, guide, data, config, history, labelled: bool, make_fi
     return final
 
 
+@contextlib.contextmanager
+def denormals_flushed(flush: bool):
+    """``--flush-denormal``: inside, the CPU treats denormal floats as zero (where it can:
+    ``torch.set_flush_denormal``, x86 with SSE3); afterwards it keeps them again, so that
+    the runs after this one in the same process compute as they would alone."""
+    if not flush:
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def train(
     config: Config,
     resume: bool = False,
@@ -279,7 +295,8 @@ def train(
     if info.is_main:
         print(f"run folder: {folder.path}", flush=True)
     try:
-        return _train(config, info, device, folder, state, data, overwrite, make_figures)
+        with denormals_flushed(config.flush_denormal):
+            return _train(config, info, device, folder, state, data, overwrite, make_figures)
     except BaseException as err:
         interrupt = faults.interrupt_behind(err)  # also one that TorchScript wrapped in a RuntimeError
         if interrupt is not None:

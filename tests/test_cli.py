@@ -68,6 +68,10 @@ def test_show_config_prints_the_resolved_config_and_trains_nothing(tmp_path):
     config = json.loads(result.stdout)
     assert config["K"] == 16 and config["init"] == "vae-umap" and config["hidden_dim"] == 500
     assert not (tmp_path / "run").exists()
+    assert config["flush_denormal"] is False
+    flushed = _run("--flush-denormal", "--show-config", cwd=tmp_path)
+    assert flushed.returncode == 0, flushed.stderr
+    assert json.loads(flushed.stdout)["flush_denormal"] is True
 
 
 def test_importing_the_package_changes_no_pyro_setting():

@@ -149,3 +149,29 @@ def test_kl_warmup_weights_rise_to_one_and_the_objective_is_recon_minus_beta_kl(
     terms = elbo_terms(model, guide, y, 1, closed_form_w=False)
     kl = terms["recon"] - terms["elbo"]
     torch.testing.assert_close(loss, (-(terms["recon"] - beta * kl) / beta).sum() + 2.0 * terms["cv"].sum())
+
+
+def _flushes_denormals() -> bool:
+    """Does the CPU treat a float32 denormal (1e-39) as zero right now?"""
+    return (torch.tensor([1e-39]) * 1.0).item() == 0.0
+
+
+def test_flush_denormal_holds_for_the_run_only(tmp_path, monkeypatch):
+    import pyro_gmvae.training as training
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(_flushes_denormals())
+        raise RuntimeError("stop after the check")
+
+    monkeypatch.setattr(training, "_train", spy)
+    for flush in (True, False):
+        config = Config(data="spiral", epochs=1, train_subset=400, test_subset=50, progress=False,
+                        flush_denormal=flush, out=str(tmp_path / f"run{flush}"))  # fmt: skip
+        with pytest.raises(RuntimeError, match="stop after the check"):
+            train(config)
+        assert not _flushes_denormals()  # the process keeps its denormals after the run, failed or not
+    assert seen == [True, False]
