@@ -4,13 +4,13 @@
     python experiments/bench_denormal.py --only 2 --epochs 4
 
 Trains the cells of grid ``scratch`` (``experiments/reproduce.py``: the paper's protocol,
-``--init random``, Adam 1e-4, batch 100) from seed 0 for a few epochs, once as the grid
-has it and once with ``flush_denormal`` on, one run after the other in this process at
-``--threads``, and records each epoch's training seconds and test accuracy.  As training
-goes on, some values of the backward pass (gradients of components that hardly any image
-belongs to) fall below float32's smallest normal number, 1.2e-38; x86 CPUs compute on such
-denormal numbers through a slow path, and a matrix product holding many of them runs many
-times slower.  ``--flush-denormal`` reads and writes them as zero instead.  The two runs
+``--init random``, Adam 1e-4, batch 100) from seed 0 for a few epochs, once without
+``--flush-denormal`` and once with it, one run after the other at ``--threads``, each in a
+new process (as training runs are), and records each epoch's training seconds and test
+accuracy.  As training goes on, some values of the backward pass (gradients of components
+that hardly any image belongs to) fall below float32's smallest normal number, 1.2e-38; x86
+CPUs compute on such denormal numbers through a slow path, and a matrix product holding
+many of them runs many times slower.  ``--flush-denormal`` reads and writes them as zero instead.  The two runs
 compute different float32 numbers once a denormal occurs, so their accuracies are shown
 too.  Writes ``results/denormal.json``; the README's table quotes it.
 """
@@ -18,8 +18,9 @@ too.  Writes ``results/denormal.json``; the README's table quotes it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import concurrent.futures
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -32,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import grid_settings, setting_name  # noqa: E402
 
 from pyro_gmvae import Config, train  # noqa: E402
-from pyro_gmvae.data import load_dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,20 +48,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def one_run(setting: dict, flush: bool, args, data) -> dict:
+def one_run(setting: dict, flush: bool, args) -> dict:
+    """Train one run and return its record; called in a fresh process of its own (see :func:`in_new_process`)."""
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         config = Config(**{**setting, "flush_denormal": flush}, seed=args.seed, epochs=args.epochs,
                         out=str(Path(tmp) / "run"), progress=False, data_root=args.data_root)  # fmt: skip
-        run = train(config, data=dataclasses.replace(data), make_figures=False)
+        train(config, make_figures=False)
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
         resolved = json.loads((Path(tmp) / "run" / "config.json").read_text())
-    del run
     keep = ("epoch", "seconds", "acc_paper", "acc_hungarian", "train_loss")
     return {
         "flush_denormal": flush,
         "resolved_config": trained_config({k: v for k, v in resolved.items() if k != "versions"}),
         "per_epoch": [{k: row[k] for k in keep} for row in rows],
     }
+
+
+def in_new_process(setting: dict, flush: bool, args) -> dict:
+    """:func:`one_run` in a new process, as a training run is: the CPU's denormal mode is a
+    property of each thread, so a run after another in the same process could inherit
+    threads set up without it."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(one_run, setting, flush, args).result()
 
 
 def compare(runs: list[dict], last: int = 3) -> dict:
@@ -78,23 +88,22 @@ def compare(runs: list[dict], last: int = 3) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    data = load_dataset("mnist", args.data_root)
     settings = grid_settings("scratch")
     report = {
         "command": "python experiments/bench_denormal.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine("cpu"),
         "threads": args.threads,
         "git_commit": git_commit(),
-        "what": "grid scratch's cells from seed 0, without and with --flush-denormal, one after the other",
+        "what": "grid scratch's cells from seed 0, without and with --flush-denormal, one after the other, "
+        "each run in a new process",
         "settings": [],
     }
     for index in args.only:
         setting = {k: v for k, v in settings[index].items() if k != "flush_denormal"}
         runs = []
         for flush in (False, True):
-            runs.append(one_run(setting, flush, args, data))
+            runs.append(in_new_process(setting, flush, args))
             print(f"{setting_name(setting, None)} flush={flush}: "
                   f"{[round(r['seconds'], 1) for r in runs[-1]['per_epoch']]} s", flush=True)  # fmt: skip
         report["settings"].append({"grid": "scratch", "index": index, "K": setting["K"], "runs": runs,
