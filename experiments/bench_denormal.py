@@ -91,10 +91,11 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     settings = grid_settings("scratch")
     report = {
-        "command": "python experiments/bench_denormal.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python experiments/bench_denormal.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine("cpu"),
         "threads": args.threads,
         "git_commit": git_commit(),
+        "config": {"only": args.only, "epochs": args.epochs, "seed": args.seed, "threads": args.threads},
         "what": "grid scratch's cells from seed 0, without and with --flush-denormal, one after the other, "
         "each run in a new process",
         "settings": [],

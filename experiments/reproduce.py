@@ -164,9 +164,9 @@ GRIDS = {
         seeds=1, epochs=6, settings=[dict(DEFAULT, pseudo_labels=n, label_weight=50.0) for n in (3000, 10000)]
     ),
     # K = 30 with --adam-kernel fused (the same Adam update through torch's fused CPU kernel,
-    # other float32 rounding) and --flush-denormal (its epochs slowed from 42 s to over 200 s
-    # by epoch 10 on denormal floats: bench_denormal.py), so that a cell fits in a session;
-    # K = 10 and 16 ran with neither.
+    # other float32 rounding) and --flush-denormal (without it, epochs slow down on denormal
+    # floats: 48.9 s at epoch 1, 166.5 s at epoch 8 in results/denormal.json), so that a cell
+    # fits in a session; K = 10 and 16 ran with neither.
     "scratch": dict(
         seeds=5, epochs=150,
         settings=[dict(K=10, lr=1e-4, batch_size=100), dict(K=16, lr=1e-4, batch_size=100),

@@ -201,3 +201,33 @@ def test_a_results_file_written_by_an_earlier_cell_does_not_make_the_tree_dirty(
     assert common.git_commit(tmp_path)["dirty"] is False
     (tmp_path / "lib.py").write_text("a = 2\n")
     assert common.git_commit(tmp_path)["dirty"] is True
+
+
+def test_denormal_comparison_is_the_mean_of_the_last_epochs():
+    compare = load_script("bench_denormal").compare
+    runs = [
+        {"flush_denormal": False, "per_epoch": [{"seconds": s} for s in (40.0, 80.0, 120.0, 160.0)]},
+        {"flush_denormal": True, "per_epoch": [{"seconds": s} for s in (40.0, 40.0, 40.0, 40.0)]},
+    ]
+    result = compare(runs)
+    assert result["last_3_epochs_seconds_without"] == 120.0 and result["last_3_epochs_seconds_with"] == 40.0
+    assert result["ratio_without_over_with"] == 3.0
+    assert result["first_epoch_seconds"] == {"false": 40.0, "true": 40.0}
+
+
+def test_readme_denormal_table_comes_from_denormal_json():
+    result = _json("denormal.json")
+    table = README[README.index("| run | epoch 1 | epoch 8 |") :].split("\n\n")[0].splitlines()[2:]
+    expected = []
+    for setting in result["settings"]:
+        metric = "acc_hungarian" if setting["K"] == 10 else "acc_paper"
+        for run in setting["runs"]:
+            seconds = [row["seconds"] for row in run["per_epoch"]]
+            label = f"K = {setting['K']}" + (", `--flush-denormal`" if run["flush_denormal"] else "")
+            accuracy = 100 * run["per_epoch"][-1][metric]
+            expected.append(
+                f"| {label} | {seconds[0]:.1f} | {seconds[-1]:.1f} | {sum(seconds[-3:]) / 3:.1f} | {accuracy:.1f} |"
+            )
+    assert table == expected
+    assert result["git_commit"]["sha"] and not result["git_commit"]["dirty"]
+    assert {run["resolved_config"]["flush_denormal"] for s in result["settings"] for run in s["runs"]} == {False, True}
