@@ -1,18 +1,18 @@
 """Denormal floats on the CPU: MNIST from scratch, epoch by epoch, without and with ``--flush-denormal``.
 
-    python experiments/bench_denormal.py                  # K = 30 and K = 10, 8 epochs each way: about 25 min
+    python experiments/bench_denormal.py                  # K = 30 and K = 10, 8 epochs each way: about 35 min
     python experiments/bench_denormal.py --only 2 --epochs 4
 
 Trains the cells of grid ``scratch`` (``experiments/reproduce.py``: the paper's protocol,
 ``--init random``, Adam 1e-4, batch 100) from seed 0 for a few epochs, once without
 ``--flush-denormal`` and once with it, one run after the other at ``--threads``, each in a
 new process (as training runs are), and records each epoch's training seconds and test
-accuracy.  As training goes on, some values of the backward pass (gradients of components
-that hardly any image belongs to) fall below float32's smallest normal number, 1.2e-38; x86
-CPUs compute on such denormal numbers through a slow path, and a matrix product holding
-many of them runs many times slower.  ``--flush-denormal`` reads and writes them as zero instead.  The two runs
-compute different float32 numbers once a denormal occurs, so their accuracies are shown
-too.  Writes ``results/denormal.json``; the README's table quotes it.
+accuracy.  As training goes on, some values of the backward pass fall below float32's
+smallest normal number, 1.2e-38; x86 CPUs compute on such denormal numbers through a slow
+path, and a matrix product holding many of them runs many times slower.
+``--flush-denormal`` reads and writes them as zero instead.  The two runs compute different
+float32 numbers once a denormal occurs, so their accuracies are shown too.  Writes
+``results/denormal.json``; the README's table quotes it.
 """
 
 from __future__ import annotations
@@ -66,9 +66,8 @@ def one_run(setting: dict, flush: bool, args) -> dict:
 
 
 def in_new_process(setting: dict, flush: bool, args) -> dict:
-    """:func:`one_run` in a new process, as a training run is: the CPU's denormal mode is a
-    property of each thread, so a run after another in the same process could inherit
-    threads set up without it."""
+    """:func:`one_run` in a new process, as a training run is (the CPU's denormal mode is a
+    setting of each thread; a fresh process starts every run from the same state)."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         return pool.submit(one_run, setting, flush, args).result()
