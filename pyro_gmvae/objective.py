@@ -207,9 +207,10 @@ class CompiledELBOModule(ELBOModule):
     The replay runs with TorchScript's optimiser off (no autodiff subgraphs, no
     specialisation after profiling runs): the recorded aten ops run as recorded (the
     submodule calls inlined, the traced sizes folded, unused nodes dropped: :func:`_simplify`) and
-    autograd differentiates them with its own formulas, so with the same seed loss,
-    gradients and BatchNorm statistics equal the eager step's bit for bit, in float32 too,
-    however many times the graph has run (a resumed run is identical to one in one go).
+    autograd differentiates them with its own formulas, so with the same seed the gradients
+    and BatchNorm statistics equal the eager step's bit for bit, in float32 too, however many
+    times the graph has run (a resumed run is identical to one in one go), and the loss value
+    to its last bits (an Intel Xeon summed a float64 loss in another order: 1-2 ulp).
     The trace's own run is undone (random state and buffers restored), so tracing changes
     no result.
 

@@ -57,7 +57,7 @@ def _set_state(loss_module, state):
 @pytest.mark.parametrize("guide", ["v2", "v1"])
 def test_compiled_step_gives_the_eager_loss_gradients_and_batchnorm_statistics(guide, free_bits, kl_weight, dtype):
     """eta 1.5, alpha 0.7, free bits, gamma 0.4 (batch balance), M = 3, BatchNorm in train mode:
-    equal step by step, bit for bit."""
+    gradients and statistics equal step by step, bit for bit; the loss to its last bits."""
     model, guide_, y = _build(guide, free_bits, dtype=dtype)
     compiled = make_elbo(3)(model, guide_)
     eager = make_elbo(3, "eager")(model, guide_)
@@ -77,7 +77,10 @@ def test_compiled_step_gives_the_eager_loss_gradients_and_batchnorm_statistics(g
         loss_e = eager(y, kl_weight=kl_weight)
         grads_e = torch.autograd.grad(loss_e, params, allow_unused=True)
         after_e = _state(eager)
-        assert loss_c.dtype == dtype and torch.equal(loss_c, loss_e), call
+        # The loss to its last bits: on an Intel Xeon the float64 v1 loss came out 1-2 ulp apart at
+        # beta 1 (a sum taken in another order), its gradients still bit for bit.
+        assert loss_c.dtype == dtype, call
+        torch.testing.assert_close(loss_c, loss_e, rtol=4 * torch.finfo(dtype).eps, atol=0, msg=f"call {call}")
         for gc, ge in zip(grads_c, grads_e, strict=True):
             assert (gc is None) == (ge is None)
             assert ge is None or torch.equal(gc, ge), call
