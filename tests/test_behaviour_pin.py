@@ -51,13 +51,13 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_spiral_default_matches_the_recorded_run(tmp_path):
-    _recording()  # skip before training where there is nothing to compare with
+    fixtures = _recording()  # skip before training where there is nothing to compare with
     env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "OMP_WAIT_POLICY": "PASSIVE"}
     out = tmp_path / "run"
     cmd = [sys.executable, "experiments/run.py", "--out", str(out), "--no-progress", "--seed", "0"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    _assert_rows_match(out / "metrics.jsonl", _recording() / "spiral_seed0_metrics.jsonl")
+    _assert_rows_match(out / "metrics.jsonl", fixtures / "spiral_seed0_metrics.jsonl")
 
 
 def _assert_rows_match(got_file: Path, want_file: Path) -> None:
