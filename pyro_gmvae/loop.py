@@ -3,18 +3,24 @@
 :func:`run_epoch` shuffles with a generator of its own, drops the ragged last batch,
 optionally sets the learning rate for the epoch, adds an optional extra loss term, guards
 every step against non-finite losses and gradients (naming the step) and advances a
-progress bar.  With a fused optimiser (:func:`adam`, the one every trainer here makes) the
-guard never waits for the device: the first bad step is kept in a device tensor, the
-fused kernel skips the update on the device from that step on, and the epoch ends by
-reading the tensor once.  Training (:func:`pyro_gmvae.training.train`), VAE pretraining, the fit to a
-partition and the probes of :mod:`pyro_gmvae.initialization`, and the speed benchmark all
-call it, so they shuffle, step and fail the same way.
+progress bar.  With a fused optimiser (what :func:`adam` makes on a GPU) the guard never
+waits for the device: the first bad step is kept in a device tensor, the fused kernel
+skips the update on the device from that step on, and the epoch ends by reading the
+tensor once.  With torch's default Adam on the CPU (what :func:`adam` makes there) a step
+reads its loss only, a scalar; the parameters are read once, at the end of the epoch, and
+if anything went wrong the epoch is replayed from a snapshot taken at its start, checking
+every step, to name the bad one.  Any other optimiser: every step's loss and gradients are
+read before its update.  Training (:func:`pyro_gmvae.training.train`), VAE pretraining,
+the fit to a partition and the probes of :mod:`pyro_gmvae.initialization`, and the speed
+benchmark all call it, so they shuffle, step and fail the same way.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -116,58 +122,173 @@ def run_epoch(
     Raises
     ------
     NonFiniteLossError
-        A step's loss or gradient is NaN or infinite.  No non-finite value reaches the
-        parameters: a fused optimiser (every parameter group ``fused``) skips that step and
-        every later one of the epoch on the device (``found_inf``), and the error is raised
-        once the epoch's steps are done; any other optimiser is checked from the host
-        before each ``optimizer.step()``.  Either way the parameters are left as they were
-        before the first bad step, and the error names that step.
+        A step's loss or gradient is NaN or infinite.  The parameters are left as they
+        were before the first bad step, and the error names that step.  A fused optimiser
+        (every parameter group ``fused``) skips that step and every later one of the epoch on
+        the device (``found_inf``) and the error is raised once the epoch's steps are done.
+        torch's default Adam on the CPU: Adam turns a non-finite gradient into non-finite
+        parameters, so the epoch runs unchecked but for each step's loss; when a loss, or
+        the parameters at the end, are not finite, the parameters, Adam's state and the CPU
+        random state are restored to the epoch's start (a snapshot, one copy of each per
+        epoch) and the epoch is replayed with the per-step check, which raises at the first
+        bad step.  Any other optimiser is checked from the host before each
+        ``optimizer.step()``.  BatchNorm's running statistics are not restored: after a bad
+        step they may hold what its forward pass left.
+
+    Warns
+    -----
+    RuntimeWarning
+        The replay of a failed epoch found every step finite (a loss that does not repeat
+        on the same random state); the replayed epoch is kept.
     """
     if lr is not None:  # a group with an "lr_scale" (--prior-lr) keeps its ratio to lr
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    on_device = all(group.get("fused") for group in optimizer.param_groups)
     perm = torch.randperm(len(x), generator=generator).to(x.device)
     weights = tuple(extra_weight) if isinstance(extra_weight, Sequence) else (extra_weight,)
-    total = torch.zeros((1 + len(weights),) if extra_loss else (), device=x.device)
-    bad_step = torch.full((), -1, device=x.device, dtype=torch.long)
-    steps = len(x) // batch_size
-    try:
-        for step in range(steps):
-            idx = batch_indices(perm, step, batch_size)
-            y = x[idx]
-            try:
-                loss = loss_fn(y)
-                term = None if extra_loss is None else extra_loss(y, idx)
-            except ValueError as err:
-                if not is_invalid_values_error(err):
-                    raise
-                loss = torch.full((), math.nan, device=x.device)
-                term = None if extra_loss is None else loss.expand(len(weights))
-            optimizer.zero_grad(set_to_none=True)
-            if term is not None:
-                term = term.reshape(len(weights))
-            objective = loss if term is None else loss + sum(w * t for w, t in zip(weights, term, strict=True))
-            if objective.requires_grad:
-                objective.backward()
-            checked = [objective.detach(), *(p.grad for p in params if p.grad is not None)]
-            if on_device:  # the fused kernel skips the update while found_inf is 1: no host sync
-                bad_step = torch.where((bad_step < 0) & ~_all_finite(checked), step, bad_step)
-                optimizer.found_inf = (bad_step >= 0).to(torch.float32)
-            elif not _host_all_finite(checked):  # a host read, free on the CPU
-                _raise_non_finite(step, x[idx], bar, epoch, explain)
-            optimizer.step()
-            total += loss.detach() if term is None else torch.cat([loss.detach().reshape(1), term.detach()])
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if on_device:
-            optimizer.__dict__.pop("found_inf", None)
-    if on_device and steps and int(bad_step) >= 0:  # the epoch's one read of the flag
-        first = int(bad_step)
-        _raise_non_finite(first, x[batch_indices(perm, first, batch_size)], bar, epoch, explain)
+    steps = _Steps(loss_fn, optimizer, params, x, perm, batch_size, extra_loss, weights, batch_indices, epoch, explain)
+    if all(group.get("fused") for group in optimizer.param_groups):
+        return steps.run("device", bar)
+    if not _deferrable(optimizer, x):
+        return steps.run("host", bar)
+    saved = _Snapshot(params, optimizer)
+    total = steps.run("deferred", bar)
+    if total is not None and _host_all_finite([total, *params]):
+        return total
+    saved.restore()  # the epoch went wrong somewhere: replay it, checking every step, to name the step
+    total = steps.run("host", bar, replay=True)
+    warnings.warn(
+        f"run_epoch: non-finite values at the end of {_where(epoch, None)}, but a replay of the epoch "
+        "checking every step found none (a non-deterministic loss?); the replay's result is kept",
+        RuntimeWarning,
+        stacklevel=2,
+    )
     return total
+
+
+def _deferrable(optimizer: torch.optim.Optimizer, x: torch.Tensor) -> bool:
+    """Whether the epoch's finiteness check can wait for its end: torch's own Adam, on the CPU.
+
+    Adam turns a non-finite gradient into a non-finite parameter at that step and keeps it
+    so (a NaN or an infinity in its moments makes every later update NaN), so finite
+    parameters and a finite loss sum at the end of an epoch mean every step was finite.
+    The CPU: the replay restores the CPU random generator only.
+    """
+    return type(optimizer) is torch.optim.Adam and x.device.type == "cpu"
+
+
+class _Snapshot:
+    """The parameters, the optimiser's state and the CPU random state at the start of an epoch.
+
+    What a replay of the epoch needs to run the same steps on the same noise.  Buffers
+    (BatchNorm's running statistics) are not kept: they do not enter a training step's
+    loss, and after a non-finite step they are left as after the fused guard's epoch.
+    """
+
+    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.params = [(p, p.detach().clone()) for p in params]
+        self.state = {
+            p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()}
+            for p in params
+            if p in optimizer.state
+        }
+        self.rng = torch.get_rng_state()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, saved in self.params:
+            p.copy_(saved)
+        self.optimizer.state.clear()
+        self.optimizer.state.update(self.state)
+        torch.set_rng_state(self.rng)
+
+
+@dataclass
+class _Steps:
+    """The steps of one epoch in a fixed order, runnable again (a replay) with another guard."""
+
+    loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    x: torch.Tensor
+    perm: torch.Tensor
+    batch_size: int
+    extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    weights: tuple[float, ...]
+    batch_indices: Callable[[torch.Tensor, int, int], torch.Tensor]
+    epoch: int | None
+    explain: Callable[[torch.Tensor], str] | None
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.batch_indices(self.perm, step, self.batch_size)
+        return idx, self.x[idx]
+
+    def run(self, guard: str, bar: tqdm | None, replay: bool = False) -> torch.Tensor | None:
+        """The epoch's summed losses, checked as ``guard`` says.
+
+        "host": every step's loss and gradients read before its update, the first bad step
+        raised; "device": the fused kernel skips every update from the first bad step on and
+        the error is raised at the end; "deferred": the loss alone read (a scalar), None at the first
+        non-finite loss or the first step whose distributions Pyro refused (the caller checks
+        the parameters at the end).  A replay leaves
+        ``bar`` where the first run left it.
+        """
+        optimizer, x, weights = self.optimizer, self.x, self.weights
+        total = torch.zeros((1 + len(weights),) if self.extra_loss else (), device=x.device)
+        bad_step = torch.full((), -1, device=x.device, dtype=torch.long)
+        steps = len(x) // self.batch_size
+        try:
+            for step in range(steps):
+                idx, y = self._batch(step)
+                try:
+                    loss = self.loss_fn(y)
+                    term = None if self.extra_loss is None else self.extra_loss(y, idx)
+                except ValueError as err:
+                    if not is_invalid_values_error(err):
+                        raise
+                    if guard == "deferred":
+                        return None
+                    loss = torch.full((), math.nan, device=x.device)
+                    term = None if self.extra_loss is None else loss.expand(len(weights))
+                optimizer.zero_grad(set_to_none=True)
+                if term is not None:
+                    term = term.reshape(len(weights))
+                objective = loss if term is None else loss + sum(w * t for w, t in zip(weights, term, strict=True))
+                if objective.requires_grad:
+                    objective.backward()
+                if guard == "deferred":
+                    if not math.isfinite(objective.item()):  # a scalar read: the epoch diverged, stop here
+                        return None
+                else:
+                    checked = [objective.detach(), *(p.grad for p in self.params if p.grad is not None)]
+                    if guard == "device":  # the fused kernel skips the update while found_inf is 1: no host sync
+                        bad_step = torch.where((bad_step < 0) & ~_all_finite(checked), step, bad_step)
+                        optimizer.found_inf = (bad_step >= 0).to(torch.float32)
+                    elif not _host_all_finite(checked):  # a host read, free on the CPU
+                        self._raise(step, bar)
+                optimizer.step()
+                total += loss.detach() if term is None else torch.cat([loss.detach().reshape(1), term.detach()])
+                if bar is not None and not replay:
+                    bar.update(1)
+        finally:
+            if guard == "device":
+                optimizer.__dict__.pop("found_inf", None)
+        if guard == "device" and steps and int(bad_step) >= 0:  # the epoch's one read of the flag
+            self._raise(int(bad_step), bar)
+        return total
+
+    def _raise(self, step: int, bar: tqdm | None) -> None:
+        if bar is not None:
+            bar.close()
+        reason = f": {self.explain(self._batch(step)[1])}" if self.explain is not None else ""
+        raise NonFiniteLossError(f"non-finite loss or gradient at {_where(self.epoch, step)}{reason}")
+
+
+def _where(epoch: int | None, step: int | None) -> str:
+    parts = ([f"epoch {epoch}"] if epoch is not None else []) + ([f"step {step + 1}"] if step is not None else [])
+    return ", ".join(parts) or "the epoch"
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -201,11 +322,3 @@ def _host_all_finite(tensors: list[torch.Tensor]) -> bool:
     if bool(torch.isfinite(torch.stack([n.to(tensors[0]) for n in torch._foreach_norm(tensors)])).all()):
         return True
     return bool(_all_finite(tensors))
-
-
-def _raise_non_finite(step: int, y: torch.Tensor, bar, epoch, explain) -> None:
-    if bar is not None:
-        bar.close()
-    where = f"epoch {epoch}, step {step + 1}" if epoch is not None else f"step {step + 1}"
-    reason = f": {explain(y)}" if explain is not None else ""
-    raise NonFiniteLossError(f"non-finite loss or gradient at {where}{reason}")

@@ -55,9 +55,15 @@ def test_an_extra_term_is_weighted_in_and_reported_apart():
     assert total.shape == (2,) and total[1] == pytest.approx(7.0)  # the indices 0..7 in two halves: 2 x 3.5
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "on-device"])
-def test_a_non_finite_step_is_named_and_never_reaches_the_weights(fused):
-    layer, optimizer = _linear(fused)
+def _adam_linear():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 1)
+    return layer, adam(layer.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("guard", ["host-check", "on-device", "deferred"])
+def test_a_non_finite_step_is_named_and_never_reaches_the_weights(guard):
+    layer, optimizer = _adam_linear() if guard == "deferred" else _linear(guard == "on-device")
     before = [p.detach().clone() for p in layer.parameters()]
     x = torch.randn(6, 3)
     x[:] = float("nan")
@@ -171,3 +177,91 @@ def test_the_finiteness_check_reads_every_entry_on_one_or_mixed_dtypes(check):
     assert not all_finite([torch.full((4,), 3e38)]) and all_finite([torch.full((4,), 3e37)])
     # the host check's norm overflows from 1.8e19: its confirmation keeps such a step
     assert all_finite([torch.full((4,), 1e19)]) and all_finite([torch.full((4,), 1e200, dtype=torch.float64)])
+
+
+def _in_order(perm, step, size):
+    return torch.arange(step * size, (step + 1) * size)
+
+
+def _noisy_loss(layer, calls: list, bad=lambda y, call: False):
+    """A loss with noise from the global generator whose gradient (not its value) is NaN where ``bad(y, call)``."""
+
+    def loss_fn(y):
+        calls.append(len(calls))
+        noise = torch.randn(len(y), 1)
+        loss = (layer(y) + noise).pow(2).mean()
+        if bad(y, len(calls) - 1):  # sqrt'(0) is infinite: a finite loss with a NaN gradient
+            loss = loss + torch.sqrt(layer.weight.sum() * 0.0)
+        return loss
+
+    return loss_fn
+
+
+MARK = 777.0  # the first feature of the example whose step's gradient is NaN
+
+
+@pytest.mark.parametrize("bad_step", [2, 5], ids=["mid-epoch", "last-step"])
+def test_cpu_adam_checks_at_the_end_of_the_epoch_and_replays_it_to_name_the_bad_step(monkeypatch, bad_step):
+    """torch's Adam on the CPU: one read of the weights an epoch; a bad gradient is found, named, undone.
+
+    The bad step's loss is finite (only its gradient is NaN), so only the end-of-epoch check
+    or the next step's loss can see it; the replay must draw the same noise (the random
+    state restored) to leave the weights, and Adam's state, exactly as a clean run of the
+    steps before it.
+    """
+    import pyro_gmvae.loop as loop
+
+    x = torch.randn(12, 3)
+    x[2 * bad_step, 0] = MARK
+    earlier = torch.randn(4, 3)  # an epoch before: Adam's state is not empty at the failing epoch's start
+    reference, ref_optimizer = _adam_linear()
+    torch.manual_seed(5)
+    run_epoch(_noisy_loss(reference, []), ref_optimizer, earlier, 2, torch.Generator())
+    run_epoch(_noisy_loss(reference, []), ref_optimizer, x[: 2 * bad_step], 2, torch.Generator(),
+              batch_indices=_in_order)  # fmt: skip
+    reads = []
+    real = loop._host_all_finite
+    layer, optimizer = _adam_linear()
+    torch.manual_seed(5)
+    run_epoch(_noisy_loss(layer, []), optimizer, earlier, 2, torch.Generator())
+    monkeypatch.setattr(loop, "_host_all_finite", lambda ts: reads.append(ts[1] is layer.weight) or real(ts))
+    calls = []
+    with pytest.raises(NonFiniteLossError, match=rf"epoch 2, step {bad_step + 1}$"):
+        marked = lambda y, call: bool((y[:, 0] == MARK).any())  # noqa: E731
+        run_epoch(_noisy_loss(layer, calls, marked), optimizer, x, 2, torch.Generator(), epoch=2,
+                  batch_indices=_in_order)  # fmt: skip
+    # The first run reads no gradient: it stops at the next step's NaN loss, or reads the
+    # weights once at the end; the replay reads each step's gradients up to the bad step.
+    assert reads == [True] * (bad_step == 5) + [False] * (bad_step + 1)
+    assert len(calls) == min(bad_step + 2, 6) + bad_step + 1
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), layer.parameters(), strict=True))
+    for p, q in zip(reference.parameters(), layer.parameters(), strict=True):
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(ref_optimizer.state[p][k], optimizer.state[q][k])
+
+
+def test_a_failed_epoch_whose_replay_is_finite_is_kept_with_a_warning():
+    layer, optimizer = _adam_linear()
+    calls = []
+    with pytest.warns(RuntimeWarning, match="a replay of the epoch checking every step found none"):
+        loss_fn = _noisy_loss(layer, calls, lambda y, call: call == 1)  # not again in the replay
+        total = run_epoch(loss_fn, optimizer, torch.randn(8, 3), 2, torch.Generator())
+    assert len(calls) == 3 + 4 and torch.isfinite(total)  # stopped at step 3's NaN loss, then a clean replay
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+
+
+def test_the_deferred_guard_changes_no_number():
+    """A clean epoch under torch's Adam (checked at the end) ends as under the per-step check, bit for bit."""
+
+    class CheckedAdam(torch.optim.Adam):  # not torch's Adam itself: checked every step
+        pass
+
+    results = []
+    for kind in (torch.optim.Adam, CheckedAdam):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(3, 1)
+        optimizer = kind(layer.parameters(), lr=0.1)
+        torch.manual_seed(3)
+        total = run_epoch(_noisy_loss(layer, []), optimizer, torch.randn(10, 3), 2, torch.Generator())
+        results.append([total, *layer.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
