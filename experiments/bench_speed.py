@@ -17,13 +17,17 @@ Adam as training makes it (:func:`pyro_gmvae.loop.adam`: torch's default kernel 
   then x by reparameterisation, marginalise z with ``logsumexp``, add the same regulariser
   factor), ``zero_grad``, ``backward``, Adam, in a plain loop over the same S batches;
 - **reference_loop**: that objective through ``run_epoch``, so with the project's loop and
-  its non-finite guard (one read of every gradient per step): compiled minus
-  reference_loop is what the Pyro objective itself adds.
+  its non-finite guard (torch's Adam on the CPU: each step's loss read, the parameters
+  once a call, a snapshot of parameters and Adam's state at each call's start; a fused
+  Adam on a GPU: a device flag per step): compiled minus reference_loop is what the Pyro
+  objective itself adds.
 
-Each timed call is S steps (``--steps-per-call``, default 16, fewer for large batches: at
-most 4,096 examples a call), as steps run inside a training epoch: the loop's once-an-epoch
-work (the shuffle, the setup of the guard) is shared by S steps, where a training epoch
-shares it by hundreds (MNIST at batch 256: 234).  A step time is the call's time / S.
+Each timed call is S steps, one ``run_epoch`` (``--steps-per-call``; by default 1,024
+examples a call, at least 16 steps and at most 4,096 examples: S = 128 at batch 8, 16 at
+64 and 256, 4 at 1,024), as steps run inside a training epoch: the loop's once-an-epoch work
+(the shuffle, the guard's snapshot and its read of the parameters, ``epoch_guard_ms`` in
+each row, timed alone) is shared by S steps, where a training epoch shares it by more
+(MNIST: 7,500 steps at batch 8, 234 at batch 256).  A step time is the call's time / S.
 
 Before timing, the script checks in float64 that the eager and compiled sides give the
 reference's loss and gradients on the same random draws.  The sides are then timed
@@ -65,6 +69,7 @@ import torch  # noqa: E402
 from common import machine  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from pyro_gmvae import loop  # noqa: E402
 from pyro_gmvae.build import build_model_and_guide  # noqa: E402
 from pyro_gmvae.config import Config  # noqa: E402
 from pyro_gmvae.loop import adam, run_epoch  # noqa: E402
@@ -370,9 +375,37 @@ def epoch_throughput(device: str, data_root: str | None, elbo: str = "compiled",
     }  # fmt: skip
 
 
+def steps_per_call(batch: int, requested: int | None) -> int:
+    """S of one timed call: as requested, else 1,024 examples and at least 16 steps; at most 4,096 examples."""
+    wanted = requested if requested is not None else max(16, 1024 // batch)
+    return max(1, min(wanted, 4096 // batch))
+
+
+def epoch_guard_ms(optimizer: torch.optim.Optimizer, repeats: int = 9) -> dict:
+    """Median ms of run_epoch's once-an-epoch guard work for ``optimizer``'s parameters.
+
+    With torch's Adam on the CPU: the snapshot at the start (parameters, Adam's state, the
+    random state) and the read of the parameters at the end; with a fused optimiser there
+    is none (``null``).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not params or loop.guard_kind(optimizer, params[0].device) != "deferred":
+        return {"snapshot": None, "end_check": None}
+    out = {}
+    for name, work in (("snapshot", lambda: loop._Snapshot(params, optimizer)),
+                       ("end_check", lambda: loop._host_all_finite(params))):  # fmt: skip
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            work()
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[name] = statistics.median(times)
+    return out
+
+
 def run_case(case, device, args, autocast: torch.dtype | None = None) -> dict:
     """Check, time and (unless --no-memory) measure one case; print a line."""
-    sides = Sides(case, device, autocast, steps=max(1, min(args.steps_per_call, 4096 // case["batch_size"])))
+    sides = Sides(case, device, autocast, steps=steps_per_call(case["batch_size"], args.steps_per_call))
     row = {"case": case, "name": case_name(case), "autocast": str(autocast) if autocast else None}
     row["parameters_mib"] = parameter_mib(sides)
     t0 = time.perf_counter()
@@ -382,6 +415,7 @@ def run_case(case, device, args, autocast: torch.dtype | None = None) -> dict:
     steps = sides.steps()
     row.update(time_interleaved(steps, device, case["batch_size"], args.warmup, args.min_steps, args.max_steps,
                                 args.budget, per_call=sides.steps_per_call))  # fmt: skip
+    row["epoch_guard_ms"] = epoch_guard_ms(sides.optimizers["compiled"])
     if not args.no_memory:
         row["memory_method"] = (
             "MiB, torch.cuda.max_memory_allocated delta over 2 calls (2 S steps)" if device.type == "cuda"
@@ -443,7 +477,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=4, help="rounds before timing (the compiled side traces in round 2)")
     p.add_argument("--min-steps", type=int, default=20, help="timed calls per side (at least)")
     p.add_argument("--max-steps", type=int, default=80, help="timed calls per side (at most)")
-    p.add_argument("--steps-per-call", type=int, default=16, help="steps S of one timed call (at most 4096 / batch)")
+    p.add_argument(
+        "--steps-per-call", type=int, default=None,
+        help="steps S of one timed call (default: 1024 / batch, at least 16; at most 4096 / batch)",
+    )  # fmt: skip
     p.add_argument("--no-memory", action="store_true", help="skip peak memory")
     p.add_argument("--no-bf16", action="store_true", help="on CUDA, skip the bf16 autocast rows")
     p.add_argument("--no-epoch", action="store_true", help="skip the MNIST epochs")

@@ -148,10 +148,9 @@ def run_epoch(
     perm = torch.randperm(len(x), generator=generator).to(x.device)
     weights = tuple(extra_weight) if isinstance(extra_weight, Sequence) else (extra_weight,)
     steps = _Steps(loss_fn, optimizer, params, x, perm, batch_size, extra_loss, weights, batch_indices, epoch, explain)
-    if all(group.get("fused") for group in optimizer.param_groups):
-        return steps.run("device", bar)
-    if not _deferrable(optimizer, x):
-        return steps.run("host", bar)
+    guard = guard_kind(optimizer, x.device)
+    if guard != "deferred":
+        return steps.run(guard, bar)
     saved = _Snapshot(params, optimizer)
     total = steps.run("deferred", bar)
     if total is not None and _host_all_finite([total, *params]):
@@ -167,15 +166,22 @@ def run_epoch(
     return total
 
 
-def _deferrable(optimizer: torch.optim.Optimizer, x: torch.Tensor) -> bool:
-    """Whether the epoch's finiteness check can wait for its end: torch's own Adam, on the CPU.
+def guard_kind(optimizer: torch.optim.Optimizer, device: torch.device) -> str:
+    """How :func:`run_epoch` checks the steps of ``optimizer`` on ``device``.
 
-    Adam turns a non-finite gradient into a non-finite parameter at that step and keeps it
-    so (a NaN or an infinity in its moments makes every later update NaN), so finite
-    parameters and a finite loss sum at the end of an epoch mean every step was finite.
-    The CPU: the replay restores the CPU random generator only.
+    "device": a fused optimiser (every parameter group ``fused``), a flag on the device.
+    "deferred": torch's own Adam on the CPU, each step's loss and the parameters at the end
+    of the epoch.  Adam turns a non-finite gradient into a non-finite parameter at that step
+    and keeps it so (a NaN or an infinity in its moments makes every later update NaN), so
+    finite parameters and a finite loss sum at the end mean every step was finite; the CPU,
+    as the replay restores the CPU random generator only.  "host": any other optimiser,
+    every step's loss and gradients read before its update.
     """
-    return type(optimizer) is torch.optim.Adam and x.device.type == "cpu"
+    if all(group.get("fused") for group in optimizer.param_groups):
+        return "device"
+    if type(optimizer) is torch.optim.Adam and torch.device(device).type == "cpu":
+        return "deferred"
+    return "host"
 
 
 class _Snapshot:

@@ -87,3 +87,13 @@ def test_acceptance_reads_the_overhead_at_batch_8_and_the_ratio_at_256(bench):
     rows = bench.acceptance([row(8, 0.5, 1.3), row(64, 9.0, 1.2), row(256, 3.0, 1.06)])
     assert [(r["batch"], r["compiled"], r["pass"]) for r in rows] == [(8, 0.5, True), (256, 1.06, False)]
     assert rows[0]["compiled_against_reference_loop"] == pytest.approx(0.3)
+
+
+def test_a_call_is_about_1024_examples_and_the_epoch_guard_is_timed_alone(bench):
+    assert [bench.steps_per_call(b, None) for b in (8, 64, 256, 1024)] == [128, 16, 16, 4]
+    assert bench.steps_per_call(8, 1000) == 512 and bench.steps_per_call(8, 2) == 2  # at most 4,096 examples
+    layer = torch.nn.Linear(3, 2)
+    guard = bench.epoch_guard_ms(torch.optim.Adam(layer.parameters()), repeats=3)
+    assert guard["snapshot"] > 0 and guard["end_check"] > 0
+    fused = torch.optim.Adam(layer.parameters(), fused=True)  # the device guard: no once-an-epoch work
+    assert bench.epoch_guard_ms(fused) == {"snapshot": None, "end_check": None}
