@@ -236,10 +236,10 @@ class _Steps:
 
         "host": every step's loss and gradients read before its update, the first bad step
         raised; "device": the fused kernel skips every update from the first bad step on and
-        the error is raised at the end; "deferred": the loss alone read (a scalar), None at the first
-        non-finite loss or the first step whose distributions Pyro refused (the caller checks
-        the parameters at the end).  A replay leaves
-        ``bar`` where the first run left it.
+        the error is raised at the end; "deferred": each step's loss read (a scalar), None
+        at the first non-finite loss or the first step whose distributions Pyro refused (the
+        caller reads the parameters at the end).  A replay leaves ``bar`` where the first
+        run left it.
         """
         optimizer, x, weights = self.optimizer, self.x, self.weights
         total = torch.zeros((1 + len(weights),) if self.extra_loss else (), device=x.device)
