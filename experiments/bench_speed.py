@@ -392,7 +392,7 @@ def epoch_guard_ms(optimizer: torch.optim.Optimizer, repeats: int = 9) -> dict:
     if not params or loop.guard_kind(optimizer, params[0].device) != "deferred":
         return {"snapshot": None, "end_check": None}
     out = {}
-    for name, work in (("snapshot", lambda: loop._Snapshot(params, optimizer)),
+    for name, work in (("snapshot", lambda: loop._Snapshot(params, optimizer, torch.Generator())),
                        ("end_check", lambda: loop._host_all_finite(params))):  # fmt: skip
         times = []
         for _ in range(repeats):

@@ -128,8 +128,8 @@ def run_epoch(
         the device (``found_inf``) and the error is raised once the epoch's steps are done.
         torch's default Adam on the CPU: Adam turns a non-finite gradient into non-finite
         parameters, so the epoch runs unchecked but for each step's loss; when a loss, or
-        the parameters at the end, are not finite, the parameters, Adam's state and the CPU
-        random state are restored to the epoch's start (a snapshot, one copy of each per
+        the parameters at the end, are not finite, the parameters, Adam's state and the
+        random states are restored to the epoch's start (a snapshot, one copy of each per
         epoch) and the epoch is replayed with the per-step check, which raises at the first
         bad step.  Any other optimiser is checked from the host before each
         ``optimizer.step()``.  BatchNorm's running statistics are not restored: after a bad
@@ -151,7 +151,7 @@ def run_epoch(
     guard = guard_kind(optimizer, x.device)
     if guard != "deferred":
         return steps.run(guard, bar)
-    saved = _Snapshot(params, optimizer)
+    saved = _Snapshot(params, optimizer, generator)
     total = steps.run("deferred", bar)
     if total is not None and _host_all_finite([total, *params]):
         return total
@@ -174,26 +174,33 @@ def guard_kind(optimizer: torch.optim.Optimizer, device: torch.device) -> str:
     of the epoch.  Adam turns a non-finite gradient into a non-finite parameter at that step
     and keeps it so (a NaN or an infinity in its moments makes every later update NaN), so
     finite parameters and a finite loss sum at the end mean every step was finite; the CPU,
-    as the replay restores the CPU random generator only.  "host": any other optimiser,
-    every step's loss and gradients read before its update.
+    as the replay restores the CPU random generator only; one process, as the ranks of a
+    ``torchrun`` see different losses and would leave the epoch at different steps.
+    "host": any other optimiser, or torch's Adam under ``torch.distributed``, every step's
+    loss and gradients read before its update (a rank's NaN gradients reach every rank
+    through DDP's all-reduce, so all ranks raise at the same step).
     """
     if all(group.get("fused") for group in optimizer.param_groups):
         return "device"
-    if type(optimizer) is torch.optim.Adam and torch.device(device).type == "cpu":
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if type(optimizer) is torch.optim.Adam and torch.device(device).type == "cpu" and not distributed:
         return "deferred"
     return "host"
 
 
 class _Snapshot:
-    """The parameters, the optimiser's state and the CPU random state at the start of an epoch.
+    """The parameters, the optimiser's state and the random states at the start of an epoch.
 
-    What a replay of the epoch needs to run the same steps on the same noise.  Buffers
-    (BatchNorm's running statistics) are not kept: they do not enter a training step's
-    loss, and after a non-finite step they are left as after the fused guard's epoch.
+    What a replay of the epoch needs to run the same steps on the same noise: the CPU's
+    global generator (Pyro's draws) and the epoch's ``generator`` after its shuffle (the
+    augmentation term and the labelled batches draw from it).  Buffers (BatchNorm's running
+    statistics) are not kept: they do not enter a training step's loss, and after a
+    non-finite step they are left as after the fused guard's epoch.
     """
 
-    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, generator: torch.Generator):
+        self.optimizer, self.generator = optimizer, generator
+        self.generator_state = generator.get_state()
         self.params = [(p, p.detach().clone()) for p in params]
         self.state = {
             p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()}
@@ -209,6 +216,7 @@ class _Snapshot:
         self.optimizer.state.clear()
         self.optimizer.state.update(self.state)
         torch.set_rng_state(self.rng)
+        self.generator.set_state(self.generator_state)
 
 
 @dataclass

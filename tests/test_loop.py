@@ -214,11 +214,17 @@ def test_cpu_adam_checks_at_the_end_of_the_epoch_and_replays_it_to_name_the_bad_
     x = torch.randn(12, 3)
     x[2 * bad_step, 0] = MARK
     earlier = torch.randn(4, 3)  # an epoch before: Adam's state is not empty at the failing epoch's start
+
+    def drawn_term(layer, generator):  # draws from the epoch's generator, as the augmentation term does
+        return lambda y, idx: (layer.bias * torch.rand((), generator=generator)).sum()
+
     reference, ref_optimizer = _adam_linear()
     torch.manual_seed(5)
     run_epoch(_noisy_loss(reference, []), ref_optimizer, earlier, 2, torch.Generator())
+    drawn = torch.Generator().manual_seed(9)
+    torch.randperm(len(x), generator=drawn)  # where the failing epoch's generator is after its shuffle
     run_epoch(_noisy_loss(reference, []), ref_optimizer, x[: 2 * bad_step], 2, torch.Generator(),
-              batch_indices=_in_order)  # fmt: skip
+              extra_loss=drawn_term(reference, drawn), batch_indices=_in_order)  # fmt: skip
     reads = []
     real = loop._host_all_finite
     layer, optimizer = _adam_linear()
@@ -228,8 +234,9 @@ def test_cpu_adam_checks_at_the_end_of_the_epoch_and_replays_it_to_name_the_bad_
     calls = []
     with pytest.raises(NonFiniteLossError, match=rf"epoch 2, step {bad_step + 1}$"):
         marked = lambda y, call: bool((y[:, 0] == MARK).any())  # noqa: E731
-        run_epoch(_noisy_loss(layer, calls, marked), optimizer, x, 2, torch.Generator(), epoch=2,
-                  batch_indices=_in_order)  # fmt: skip
+        generator = torch.Generator().manual_seed(9)
+        run_epoch(_noisy_loss(layer, calls, marked), optimizer, x, 2, generator, epoch=2,
+                  extra_loss=drawn_term(layer, generator), batch_indices=_in_order)  # fmt: skip
     # The first run reads no gradient: it stops at the next step's NaN loss, or reads the
     # weights once at the end; the replay reads each step's gradients up to the bad step.
     assert reads == [True] * (bad_step == 5) + [False] * (bad_step + 1)
@@ -265,3 +272,15 @@ def test_the_deferred_guard_changes_no_number():
         total = run_epoch(_noisy_loss(layer, []), optimizer, torch.randn(10, 3), 2, torch.Generator())
         results.append([total, *layer.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_the_guard_is_chosen_by_optimiser_device_and_process_group(monkeypatch):
+    from pyro_gmvae.loop import guard_kind
+
+    layer = torch.nn.Linear(3, 1)
+    assert guard_kind(adam(layer.parameters(), 1e-3), torch.device("cpu")) == "deferred"
+    assert guard_kind(adam(layer.parameters(), 1e-3, "fused"), torch.device("cpu")) == "device"
+    assert guard_kind(torch.optim.SGD(layer.parameters(), 0.1), torch.device("cpu")) == "host"
+    # under torchrun the ranks see different losses: every step is checked, so all raise together
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert guard_kind(adam(layer.parameters(), 1e-3), torch.device("cpu")) == "host"
