@@ -202,8 +202,9 @@ class CompiledELBOModule(ELBOModule):
     tracing, the enumeration bookkeeping and the einsum contraction plan run then), and
     every later step with that key replays the recorded tensor operations.  Parameters and
     buffers enter as module attributes (shared, not copied), ``kl_weight`` as a tensor input,
-    and Pyro draws its reparameterised noise with ``torch.normal`` while tracing, so the
-    replay draws fresh noise from the global generator in the order the eager step does.
+    and ``torch.distributions`` draws its reparameterised noise with a random op while
+    tracing (``torch.normal``, replayed as ``torch.randn``: :func:`_draw_noise_directly`), so
+    the replay draws fresh noise from the global generator in the order the eager step does.
     The replay runs with TorchScript's optimiser off (no autodiff subgraphs, no
     specialisation after profiling runs): the recorded aten ops run as recorded (the
     submodule calls inlined, the traced sizes folded, unused nodes dropped: :func:`_simplify`) and
@@ -297,15 +298,65 @@ def _simplify(graph: torch.Graph) -> None:
     the peephole pass resolve what the recorded shapes fix (``aten::size`` of a tensor whose
     shape the trace recorded, an ``expand`` or ``broadcast_tensors`` to the shape a tensor
     already has), folds what depends on constants only (those sizes and their int/tensor
-    conversions, constant ``zeros``/``ones``, computed once here by the same kernels), and
-    drops what nothing uses: about a quarter of the nodes of the MNIST network's graph.  No arithmetic
+    conversions, constant ``zeros``/``ones``, computed once here by the same kernels), draws
+    standard noise with ``randn`` (:func:`_draw_noise_directly`), and drops what nothing
+    uses: about a quarter of the nodes of the MNIST network's graph.  No arithmetic
     on data is reordered, merged or rewritten, so the replay stays bit for bit the eager
     step (``tests/test_compiled_elbo.py``).
     """
     torch._C._jit_pass_inline(graph)
     torch._C._jit_pass_peephole(graph, False)
     torch._C._jit_pass_constant_propagation(graph)
+    _draw_noise_directly(graph)
     torch._C._jit_pass_dce(graph)
+
+
+def _constant_filled(value: torch.Value, fill: float) -> torch.Tensor | None:
+    """The floating-point tensor a graph value always holds if it is a constant equal to ``fill``."""
+    if value.node().kind() != "prim::Constant":
+        return None
+    tensor = value.toIValue()
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or not bool((tensor == fill).all()):
+        return None
+    return tensor
+
+
+def _draw_noise_directly(graph: torch.Graph) -> None:
+    """``torch.normal(zeros, ones)`` in a traced graph becomes ``torch.randn`` of that shape.
+
+    While tracing, ``torch.distributions`` draws a reparameterised sample's standard noise as
+    ``torch.normal(torch.zeros(shape), torch.ones(shape))`` (the tracer once lacked
+    ``normal_``).  Replayed as recorded, that is ``randn`` followed by a check that the
+    standard deviations are not negative (a reduction over them: a host synchronisation on a
+    GPU), a multiplication by one and an addition of zero, every step.  ``randn`` draws the
+    same numbers from the same generator (both fill with ``normal_(0, 1)``), and ``x * 1 + 0``
+    is ``x``, so the replay's values and random state are unchanged.
+    """
+    for node in list(graph.findAllNodes("aten::normal")):
+        if not node.schema().startswith("aten::normal.Tensor_Tensor("):
+            continue
+        mean, std, generator = node.inputs()
+        zeros, ones = _constant_filled(mean, 0.0), _constant_filled(std, 1.0)
+        if (
+            zeros is None
+            or ones is None
+            or (zeros.shape, zeros.dtype, zeros.device)
+            != (
+                ones.shape,
+                ones.dtype,
+                ones.device,
+            )
+        ):
+            continue
+        with graph.insert_point_guard(node):
+            size, dtype, device = (graph.insertConstant(v) for v in (list(zeros.shape), zeros.dtype, zeros.device))
+            layout, pin_memory = graph.insertConstant(torch.strided), graph.insertConstant(False)
+            randn = graph.insertNode(
+                graph.create("aten::randn", [size, generator, dtype, layout, device, pin_memory], 1)
+            )
+        randn.output().setType(node.output().type())
+        node.output().replaceAllUsesWith(randn.output())
+        node.destroy()
 
 
 class CompiledTraceEnum_ELBO(TraceEnum_ELBO):

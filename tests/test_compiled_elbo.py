@@ -132,3 +132,44 @@ def test_the_elbo_option_picks_the_step():
     assert Config().elbo == "compiled"
     with pytest.raises(ValueError, match="unknown ELBO mode"):
         make_elbo(1, "jit")
+
+
+def _kinds(loss_fn) -> list[str]:
+    (graph,) = loss_fn._graphs.values()
+    return [node.kind() for node in graph.forward.graph.nodes()]
+
+
+@pytest.mark.parametrize("guide", ["v2", "v1"])
+def test_the_replay_draws_its_noise_with_randn_the_same_numbers_as_the_trace_workaround(guide):
+    """Traced, torch.distributions draws standard noise as torch.normal(zeros, ones): a check of
+    the ones, a product and a sum each step.  The replay draws it with randn: same numbers, same
+    random state after, and the normal is gone from the graph (w and x: two draws)."""
+    model, guide_, y = _build(guide, 0.0, dtype=torch.float32)
+    loss_fn = make_elbo(3)(model, guide_)
+    loss_fn(y)
+    kinds = _kinds(loss_fn)
+    assert kinds.count("aten::randn") == 2 and "aten::normal" not in kinds
+
+
+def test_the_noise_rewrite_keeps_values_and_leaves_other_normals_alone():
+    from pyro_gmvae.objective import _simplify
+
+    def draws(loc, scale):
+        eps = torch.distributions.Normal(loc, scale).rsample()  # zeros and ones: rewritten
+        shifted = torch.normal(loc, torch.ones_like(loc))  # a mean that is data: kept
+        halved = torch.normal(torch.zeros(loc.shape), torch.full(loc.shape, 0.5))  # scale 0.5: kept
+        return eps, shifted, halved
+
+    loc, scale = torch.randn(4, 37), torch.rand(4, 37) + 0.1
+    traced = torch.jit.trace(draws, (loc, scale), check_trace=False)
+    _simplify(traced.graph)
+    kinds = [node.kind() for node in traced.graph.nodes()]
+    assert kinds.count("aten::randn") == 1 and kinds.count("aten::normal") == 2
+    torch.manual_seed(5)
+    eager = draws(loc, scale), draws(loc, scale)
+    state = torch.get_rng_state()
+    torch.manual_seed(5)
+    with torch.jit.optimized_execution(False):
+        replay = traced(loc, scale), traced(loc, scale)
+    assert all(torch.equal(a, b) for pair in zip(eager, replay, strict=True) for a, b in zip(*pair, strict=True))
+    assert torch.equal(torch.get_rng_state(), state)
