@@ -321,6 +321,10 @@ def _constant_filled(value: torch.Value, fill: float) -> torch.Tensor | None:
     return tensor
 
 
+def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+
+
 def _draw_noise_directly(graph: torch.Graph) -> None:
     """``torch.normal(zeros, ones)`` in a traced graph becomes ``torch.randn`` of that shape.
 
@@ -337,16 +341,7 @@ def _draw_noise_directly(graph: torch.Graph) -> None:
             continue
         mean, std, generator = node.inputs()
         zeros, ones = _constant_filled(mean, 0.0), _constant_filled(std, 1.0)
-        if (
-            zeros is None
-            or ones is None
-            or (zeros.shape, zeros.dtype, zeros.device)
-            != (
-                ones.shape,
-                ones.dtype,
-                ones.device,
-            )
-        ):
+        if zeros is None or ones is None or not _alike(zeros, ones):
             continue
         with graph.insert_point_guard(node):
             size, dtype, device = (graph.insertConstant(v) for v in (list(zeros.shape), zeros.dtype, zeros.device))

@@ -144,8 +144,8 @@ def _kinds(loss_fn) -> list[str]:
 @pytest.mark.parametrize("guide", ["v2", "v1"])
 def test_the_replay_draws_its_noise_with_randn_the_same_numbers_as_the_trace_workaround(guide):
     """Traced, torch.distributions draws standard noise as torch.normal(zeros, ones): a check of
-    the ones, a product and a sum each step.  The replay draws it with randn: same numbers, same
-    random state after, and the normal is gone from the graph (w and x: two draws)."""
+    the ones, a product and a sum each step.  The replay draws it with randn (w and x: two
+    draws; the same numbers: the bit-for-bit tests above and the test below)."""
     model, guide_, y = _build(guide, 0.0, dtype=torch.float32)
     loss_fn = make_elbo(3)(model, guide_)
     loss_fn(y)
