@@ -153,6 +153,57 @@ def test_the_replay_draws_its_noise_with_randn_the_same_numbers_as_the_trace_wor
     assert kinds.count("aten::randn") == 2 and "aten::normal" not in kinds
 
 
+def _negated_numerators(graph: torch.Graph) -> int:
+    return sum(next(node.inputs()).node().kind() == "aten::neg" for node in graph.findAllNodes("aten::div"))
+
+
+@pytest.mark.parametrize("guide", ["v2", "v1"])
+def test_the_replay_has_no_negation_pass_in_normal_log_prob(guide):
+    """Normal.log_prob's -(x - loc)**2 / (2 var) is replayed as (x - loc)**2 / (-2 var): four
+    normals (the components p(x | z, w), p(w) in closed form or not, q(w), q(x)), no negation."""
+    model, guide_, y = _build(guide, 0.0, dtype=torch.float32)
+    loss_fn = make_elbo(1)(model, guide_)
+    loss_fn(y)
+    (traced,) = loss_fn._graphs.values()
+    graph = traced.forward.graph
+    assert _negated_numerators(graph) == 0
+    assert sum(list(node.inputs())[1].toIValue() == -2 for node in graph.findAllNodes("aten::mul")
+               if list(node.inputs())[1].node().kind() == "prim::Constant") == 4  # fmt: skip
+
+
+def test_the_sign_rewrite_keeps_values_and_gradients_and_leaves_other_quotients_alone():
+    from pyro_gmvae.objective import _simplify
+
+    def scores(x, loc, scale):
+        normal = torch.distributions.Normal(loc, scale).log_prob(x)  # -(d**2) / (2 var): rewritten
+        negated = -x
+        twice = negated / (scale * 3) + negated  # the negation has another use: kept
+        by_data = -x / (scale * loc)  # a product of data: kept
+        return normal, twice, by_data
+
+    generator = torch.Generator().manual_seed(3)
+    x, loc = torch.randn(5, 41, generator=generator) * 1e3, torch.randn(5, 41, generator=generator)
+    scale = torch.rand(5, 41, generator=generator) * 1e-3 + torch.tensor([1e-20, 1.0, 1e20]).repeat_interleave(14)[:41]
+    inputs = [t.requires_grad_() for t in (x, loc, scale)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(scores, tuple(inputs), check_trace=False)
+    assert _negated_numerators(traced.graph) == 3
+    _simplify(traced.graph)
+    assert _negated_numerators(traced.graph) == 2
+
+    def values_and_gradients(fn):
+        outputs = fn(*inputs)
+        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outputs)]
+        grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)), inputs)
+        return [o.detach() for o in outputs] + list(grads)
+
+    with torch.jit.optimized_execution(False):
+        replay = values_and_gradients(traced)
+    eager = values_and_gradients(scores)
+    assert all(torch.equal(a, b) for a, b in zip(eager, replay, strict=True))
+
+
 def test_the_noise_rewrite_keeps_values_and_leaves_other_normals_alone():
     from pyro_gmvae.objective import _simplify
 
