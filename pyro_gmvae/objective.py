@@ -22,6 +22,7 @@ further than tau nats from pi costs.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -298,30 +299,102 @@ def _simplify(graph: torch.Graph) -> None:
     the peephole pass resolve what the recorded shapes fix (``aten::size`` of a tensor whose
     shape the trace recorded, an ``expand`` or ``broadcast_tensors`` to the shape a tensor
     already has), folds what depends on constants only (those sizes and their int/tensor
-    conversions, constant ``zeros``/``ones``, computed once here by the same kernels), draws
-    standard noise with ``randn`` (:func:`_draw_noise_directly`), moves the sign of
+    conversions, constant ``zeros``/``ones``, and ``zeros_like`` of a traced shape with what
+    follows from it, computed once here by the same kernels: :func:`_fold_zeros_like`),
+    selects with an all-true constant mask by a reshape (:func:`_unmask_full_selections`),
+    draws standard noise with ``randn`` (:func:`_draw_noise_directly`), moves the sign of
     ``Normal.log_prob``'s ``-(x - loc)**2 / (2 * var)`` into the constant 2
     (:func:`_fold_negated_quotients`), and drops what nothing uses: about a quarter of the
     nodes of the MNIST network's graph.  No arithmetic on data is reordered or merged, and
-    the two rewrites give the same bits, so the replay stays bit for bit the eager step
+    the rewrites give the same bits, so the replay stays bit for bit the eager step
     (``tests/test_compiled_elbo.py``).
     """
     torch._C._jit_pass_inline(graph)
     torch._C._jit_pass_peephole(graph, False)
     torch._C._jit_pass_constant_propagation(graph)
+    if _fold_zeros_like(graph):
+        torch._C._jit_pass_constant_propagation(graph)
+    _unmask_full_selections(graph)
     _draw_noise_directly(graph)
     _fold_negated_quotients(graph)
     torch._C._jit_pass_dce(graph)
 
 
-def _constant_filled(value: torch.Value, fill: float) -> torch.Tensor | None:
-    """The floating-point tensor a graph value always holds if it is a constant equal to ``fill``."""
+def _fold_zeros_like(graph: torch.Graph) -> bool:
+    """``zeros_like(x)`` of an ``x`` whose shape, dtype and device the trace fixed becomes a constant.
+
+    A graph is replayed only for the shape, dtype and device it was traced at, so such a
+    ``zeros_like`` always holds the same zeros.  Pyro's TraceEnum_ELBO builds the
+    probabilities that weigh each expected cost from one (``exp`` of a contraction over no
+    enumerated variable: ``exp(0)``), so once these are constants, constant propagation
+    computes them, their mask ``prob > 0`` and its selection of them (by the same kernels)
+    once, and :func:`_unmask_full_selections` can see that the mask selects everything.
+    Returns whether anything was folded.
+    """
+    folded = False
+    for node in list(graph.findAllNodes("aten::zeros_like")):
+        source, *options = node.inputs()
+        # dtype, layout, device, pin_memory, memory_format: all the source's (None, or False)
+        if any(o.node().kind() != "prim::Constant" or o.toIValue() not in (None, False) for o in options):
+            continue
+        if not _only_read(node.output()):  # a constant must never be written to, nor seen through a view
+            continue
+        kind = node.output().type()
+        sizes, strides = kind.sizes(), kind.strides()
+        dtype, device = kind.dtype(), kind.device()
+        if sizes is None or strides is None or dtype is None or device is None:
+            continue
+        zeros = torch.zeros(sizes, dtype=dtype, device=device)
+        if list(zeros.stride()) != list(strides):
+            continue
+        with graph.insert_point_guard(node):
+            constant = graph.insertConstant(zeros)
+        node.output().replaceAllUsesWith(constant)
+        node.destroy()
+        folded = True
+    return folded
+
+
+def _unmask_full_selections(graph: torch.Graph) -> None:
+    """``masked_select(x, mask)`` with a constant all-true mask of x's shape becomes ``x.reshape(-1)``.
+
+    Both are x's elements in order, and so are their gradients; ``masked_select`` must count
+    the mask first (on a GPU the host waits for that count), ``reshape`` does not.  A reshape
+    may share x's memory, so only where x and the selection are only read is it rewritten.
+    """
+    for node in list(graph.findAllNodes("aten::masked_select")):
+        source, mask = node.inputs()
+        everything = _constant_filled(mask, True)
+        if everything is None or source.type().sizes() != list(everything.shape):
+            continue
+        if not (_only_read(node.output()) and _only_read(source)):
+            continue
+        with graph.insert_point_guard(node):
+            flat = graph.insertNode(graph.create("aten::reshape", [source, graph.insertConstant([-1])], 1))
+        flat.output().setType(node.output().type())
+        node.output().replaceAllUsesWith(flat.output())
+        node.destroy()
+
+
+_ALIAS = re.compile(r"Tensor(\[\])?\([a-z*]")  # an alias annotation in a schema: Tensor(a), Tensor(a!), Tensor(a -> *)
+
+
+def _only_read(value: torch.Value) -> bool:
+    """Whether every use of a graph value is an aten op that neither writes to it nor returns a view of it."""
+    return all(use.user.kind().startswith("aten::") and not _ALIAS.search(use.user.schema()) for use in value.uses())
+
+
+def _constant_filled(value: torch.Value, fill: float | bool) -> torch.Tensor | None:
+    """The tensor a graph value always holds if it is a constant equal to ``fill`` everywhere.
+
+    Floating point for a number ``fill``, boolean for ``True`` or ``False``.
+    """
     if value.node().kind() != "prim::Constant":
         return None
     tensor = value.toIValue()
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or not bool((tensor == fill).all()):
+    if not isinstance(tensor, torch.Tensor) or tensor.is_floating_point() != (not isinstance(fill, bool)):
         return None
-    return tensor
+    return tensor if bool((tensor == fill).all()) else None
 
 
 def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -153,6 +153,50 @@ def test_the_replay_draws_its_noise_with_randn_the_same_numbers_as_the_trace_wor
     assert kinds.count("aten::randn") == 2 and "aten::normal" not in kinds
 
 
+@pytest.mark.parametrize("particles", [1, 3])
+def test_the_replay_weighs_the_expected_costs_without_masked_select(particles):
+    """Traced, Pyro weighs each expected cost by its probabilities through masked_select(prob > 0)
+    (a count the host waits for on a GPU).  Here those are exp(0) over a shape the trace fixed:
+    the replay folds them and reshapes the costs instead (the values: the bit-for-bit tests above)."""
+    model, guide_, y = _build("v2", 0.0, dtype=torch.float32)
+    loss_fn = make_elbo(particles)(model, guide_)
+    loss_fn(y)
+    (traced,) = loss_fn._graphs.values()
+    kinds = _kinds(traced.forward.graph)
+    assert "aten::masked_select" not in kinds and "aten::zeros_like" not in kinds
+
+
+def test_only_constant_all_true_selections_are_unmasked():
+    from pyro_gmvae.objective import _simplify
+
+    def selections(x, probs):
+        everything = x.masked_select(torch.zeros_like(x).exp() > 0)  # constant, all true: a reshape
+        chosen = x.masked_select(probs > 0.5)  # a mask of data: kept
+        even = x.masked_select(torch.tensor([True, False, True, False, True]))  # constant, not all true: kept
+        written = torch.zeros_like(probs).add_(probs)  # written to: kept
+        return everything * 2, chosen * 2, even * 2, written * 2  # read by an op (returned as is, a selection is kept)
+
+    generator = torch.Generator().manual_seed(4)
+    x, probs = torch.randn(3, 5, generator=generator).requires_grad_(), torch.rand(3, 5, generator=generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(selections, (x, probs), check_trace=False)
+    assert _kinds(traced.graph).count("aten::masked_select") == 3
+    _simplify(traced.graph)
+    kinds = _kinds(traced.graph)
+    assert kinds.count("aten::masked_select") == 2 and kinds.count("aten::zeros_like") == 1
+
+    def values_and_gradient(fn):
+        outputs = fn(x, probs)
+        weights = [torch.arange(1.0, o.numel() + 1).reshape(o.shape) for o in outputs]
+        (grad,) = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)), x)
+        return [o.detach() for o in outputs] + [grad]
+
+    with torch.jit.optimized_execution(False):
+        replay = values_and_gradient(traced)
+    assert all(torch.equal(a, b) for a, b in zip(values_and_gradient(selections), replay, strict=True))
+
+
 def _negated_numerators(graph: torch.Graph) -> int:
     return sum(next(node.inputs()).node().kind() == "aten::neg" for node in graph.findAllNodes("aten::div"))
 
