@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -197,6 +198,34 @@ def raise_on_sigterm() -> None:
     both are remembered for :func:`interrupt_behind` (call from a script's main thread)."""
     signal.signal(signal.SIGTERM, _raise_terminated)
     signal.signal(signal.SIGINT, _raise_interrupt)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold SIGINT and SIGTERM until the block is done, then act on the first one that came.
+
+    For a step that must finish once begun: a checkpoint renamed into place and the record
+    of its epoch, so that an interrupt never reports an older epoch than the file on disk.
+    Only the main thread can change handlers; elsewhere the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, lambda number, frame: came.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if came:
+            handler = previous[came[0]]
+            if callable(handler):
+                handler(came[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(came[0])
 
 
 def interrupt_behind(err: BaseException) -> KeyboardInterrupt | None:

@@ -40,7 +40,7 @@ from pyro_gmvae import checkpoint as ckpt
 from pyro_gmvae.checkpoint import rng_state, set_rng_state  # noqa: F401 (part of the run folder's API)
 from pyro_gmvae.config import Config
 from pyro_gmvae.errors import UserInputError
-from pyro_gmvae.faults import LOCK_NAME, FolderLock, clear_folder, write_error
+from pyro_gmvae.faults import LOCK_NAME, FolderLock, clear_folder, interrupts_deferred, write_error
 
 # Options that fix the architecture: a checkpoint only resumes or loads under the same ones.
 ARCHITECTURE_KEYS = ("data", "network", "likelihood", "prior", "guide", "K", "x_dim", "w_dim", "hidden_dim")
@@ -305,9 +305,10 @@ class RunFolder:
         with the data-order generator ``shuffle``) and the library versions."""
         if not self.writer:
             return
-        with self.writing(self.checkpoint_path):  # the previous one stays until the atomic rename
+        # An interrupt waits until the file and last_epoch agree (it would name the older epoch).
+        with interrupts_deferred(), self.writing(self.checkpoint_path):  # the old file stays until the rename
             ckpt.save_checkpoint(self.checkpoint_path, {**state, "rng": rng_state(shuffle), "versions": versions()})
-        self.last_epoch = state["epoch"]
+            self.last_epoch = state["epoch"]
 
     @contextlib.contextmanager
     def writing(self, path: Path, needed: int | None = None):

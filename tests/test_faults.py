@@ -106,3 +106,18 @@ def test_memory_estimate_counts_the_parameters_exactly():
     count = len({id(p): p for m in (model, guide) for p in m.parameters()})
     params = {id(p): p.numel() for m in (model, guide) for p in m.parameters()}
     assert count and estimate_memory(config, (2,), 100)["num_parameters"] == sum(params.values())
+
+
+def test_an_interrupt_during_a_deferred_block_comes_after_it():
+    """A checkpoint's rename and the record of its epoch finish together; the Ctrl-C comes after."""
+    import signal
+
+    from pyro_gmvae.faults import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            signal.raise_signal(signal.SIGINT)
+            done.append("rest of the block")
+    assert done == ["rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
