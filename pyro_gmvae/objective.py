@@ -334,8 +334,10 @@ def _fold_zeros_like(graph: torch.Graph) -> bool:
     folded = False
     for node in list(graph.findAllNodes("aten::zeros_like")):
         source, *options = node.inputs()
-        # dtype, layout, device, pin_memory, memory_format: all the source's (None, or False)
-        if any(o.node().kind() != "prim::Constant" or o.toIValue() not in (None, False) for o in options):
+        # dtype, layout, device, pin_memory, memory_format: all the source's (None, or pin_memory False);
+        # compared with `is`: a dtype or memory format 0 (uint8, contiguous) equals False
+        if any(o.node().kind() != "prim::Constant" or o.toIValue() is not None and o.toIValue() is not False
+               for o in options):  # fmt: skip
             continue
         if not _only_read(node.output()):  # a constant must never be written to, nor seen through a view
             continue
