@@ -90,7 +90,11 @@ def interrupted_line(err: KeyboardInterrupt) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    raise_on_sigterm()  # a scheduler's SIGTERM unwinds like Ctrl-C
+    with raise_on_sigterm():  # a scheduler's SIGTERM unwinds like Ctrl-C; the old handlers come back after
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config, resume, overwrite = config_from_args(args)

@@ -193,11 +193,31 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt()
 
 
-def raise_on_sigterm() -> None:
-    """Make SIGTERM raise :class:`Terminated`, and SIGINT ``KeyboardInterrupt`` as before;
-    both are remembered for :func:`interrupt_behind` (call from a script's main thread)."""
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def raise_on_sigterm():
+    """In the block, SIGTERM raises :class:`Terminated`, and SIGINT ``KeyboardInterrupt`` as
+    before; both are remembered for :func:`interrupt_behind` (enter in a script's main thread).
+
+    The handlers found on entry come back on exit, and any signal still remembered is
+    forgotten, so a ``main()`` called in-process leaves its caller as it found it.
+    """
+    global _received
+    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
     signal.signal(signal.SIGTERM, _raise_terminated)
     signal.signal(signal.SIGINT, _raise_interrupt)
+    try:
+        yield
+    finally:
+        _restore(previous)
+        _received = None
+
+
+def _restore(handlers: dict) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -212,14 +232,13 @@ def interrupts_deferred():
         yield
         return
     came: list[int] = []
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
     for signum in previous:
         signal.signal(signum, lambda number, frame: came.append(number))
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        _restore(previous)
         if came:
             handler = previous[came[0]]
             if callable(handler):

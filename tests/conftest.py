@@ -4,7 +4,6 @@ the data root pointed at ../shared/data (where CI and developers keep real MNIST
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pyro
@@ -25,19 +24,6 @@ def _seed_and_validate():
     pyro.enable_validation(True)
     yield
     pyro.enable_validation(False)
-
-
-@pytest.fixture(autouse=True)
-def _signal_handlers_restored():
-    """A script's main() run in-process installs raise_on_sigterm's handlers: put the previous
-    ones back after each test and forget any signal they recorded, so no test sees another's."""
-    from pyro_gmvae import faults
-
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
-    faults._received = None
 
 
 @pytest.fixture

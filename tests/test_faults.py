@@ -114,7 +114,7 @@ def test_an_interrupt_during_a_deferred_block_comes_after_it():
 
     from pyro_gmvae.faults import interrupts_deferred
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test left (conftest restores it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the test does not depend on what ran before it
     done = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():
