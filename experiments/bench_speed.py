@@ -35,7 +35,11 @@ interleaved (compiled, eager, reference_loop, reference, then eager, ..., compil
 round starts one side later) in one process after warm-up, so
 machine noise (other jobs on shared cores) hits them alike; a ratio is
 median(side) / median(reference), and the fixed per-step overhead is
-median(side) - median(reference) at batch 8, where the arithmetic is smallest.
+median(side) - median(reference) at batch 8, where the arithmetic is smallest.  The
+process first sets glibc's allocator as training does
+(:func:`pyro_gmvae.allocator.keep_freed_memory`), for every side alike: without it a step
+takes back from the system, page by page, memory the previous step freed, and how much
+depends on the heap's history, not on the side (``minor_faults_per_step`` in each row).
 
 On CUDA the rows are repeated under bf16 autocast (all three sides under
 ``torch.autocast("cuda", torch.bfloat16)``), with examples per second and peak memory, and
@@ -55,6 +59,7 @@ import gc
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -69,7 +74,7 @@ import torch  # noqa: E402
 from common import machine  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from pyro_gmvae import loop  # noqa: E402
+from pyro_gmvae import allocator, loop  # noqa: E402
 from pyro_gmvae.build import build_model_and_guide  # noqa: E402
 from pyro_gmvae.config import Config  # noqa: E402
 from pyro_gmvae.loop import adam, run_epoch  # noqa: E402
@@ -247,7 +252,8 @@ def time_interleaved(steps: dict, device, batch: int, warmup: int, min_steps: in
     (the median of per-round ratios, robust to drifts) and ``added_ms`` = median -
     median(reference) of wall time; ``cpu_ratio`` and ``cpu_added_ms`` the same of this
     process's CPU time (``time.process_time``, all its threads), which time spent waiting
-    for other jobs on shared cores does not inflate.
+    for other jobs on shared cores does not inflate; ``minor_faults_per_step`` the mean
+    page faults of a step (memory the allocator took back from the system).
     """
     items = list(steps.items())
     t_warm = time.perf_counter()
@@ -259,6 +265,7 @@ def time_interleaved(steps: dict, device, batch: int, warmup: int, min_steps: in
             break
     times = {name: [] for name, _ in items}
     cpu = {name: [] for name, _ in items}
+    faults = {name: 0 for name, _ in items}
     start = time.perf_counter()
     rounds = 0
     while len(times[items[0][0]]) < max_steps:
@@ -268,11 +275,13 @@ def time_interleaved(steps: dict, device, batch: int, warmup: int, min_steps: in
         turn = rounds % len(items)
         rounds += 1
         for name, step in items[turn:] + items[:turn]:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             c0, t0 = time.process_time(), time.perf_counter()
             step()
             _sync(device)
             times[name].append((time.perf_counter() - t0) / per_call)
             cpu[name].append((time.process_time() - c0) / per_call)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         if len(times[items[0][0]]) >= min_steps and time.perf_counter() - start > budget_s:
             break
     ref_name = items[-1][0]
@@ -282,6 +291,7 @@ def time_interleaved(steps: dict, device, batch: int, warmup: int, min_steps: in
         med = statistics.median(ts)
         out[name] = {"median_step_s": med, "examples_per_s": batch / med, "min_step_s": min(ts)}
         out[name]["median_cpu_s"] = statistics.median(cpu[name])  # this process's CPU time: waits on others excluded
+        out[name]["minor_faults_per_step"] = faults[name] / (len(ts) * per_call)
     for name, ts in times.items():
         if name == ref_name:
             continue
@@ -497,6 +507,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    heap = allocator.keep_freed_memory()  # as train() does: every side, the reference too, reuses freed memory
     pyro.enable_validation(False)  # the timed steps; training keeps it on (the compiled replay skips it anyway)
     started = time.perf_counter()
     info = {**machine(device), "load_average_start": list(os.getloadavg())}
@@ -510,7 +521,8 @@ def main(argv=None) -> int:
         "command": "python experiments/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": {**BASE, "batches": args.batches, "validation": False,
                    "optimizer": "Adam (loop.adam: default kernel on CPU, fused on GPU)",
-                   "data": "uniform grey levels, MNIST shape", "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+                   "data": "uniform grey levels, MNIST shape", "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                   "allocator": heap or "the C library's own settings (allocator.keep_freed_memory set nothing)"},
         "timing": "median step times of interleaved steps (the sides in turn, repeated) after warm-up",
         "sides": list(SIDES), "rows": [], "acceptance": [],
     }  # fmt: skip
