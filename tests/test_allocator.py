@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,3 +84,20 @@ def test_kept_memory_changes_no_result_and_spares_the_page_faults():
 @glibc
 def test_tunables_in_the_environment_win():
     assert _steps(GLIBC_TUNABLES="glibc.malloc.trim_threshold=1048576")["settings"] is None
+
+
+def test_the_allocator_benchmark_takes_the_median_over_rounds():
+    summarise = load_script("bench_allocator").summarise
+
+    def child(compiled_s, reference_s, faults):
+        return {side: {"median_step_s": s, "minor_faults_per_step": faults}
+                for side, s in (("compiled", compiled_s), ("reference", reference_s))}  # fmt: skip
+
+    runs = {"glibc": [child(0.030, 0.020, 900), child(0.020, 0.030, 700), child(0.025, 0.040, 800)],
+            "kept": [child(0.015, 0.010, 2), child(0.020, 0.020, 0), child(0.010, 0.030, 1)]}  # fmt: skip
+    out = summarise(runs)
+    assert out["glibc"]["compiled"]["median_step_ms"] == pytest.approx(25.0)
+    assert out["kept"]["reference"]["median_step_ms"] == pytest.approx(20.0)
+    assert out["glibc"]["compiled"]["minor_faults_per_step"] == pytest.approx(800)
+    assert out["compiled_kept_over_glibc"] == pytest.approx(15.0 / 25.0)
+    assert out["reference_kept_over_glibc"] == pytest.approx(20.0 / 30.0)
