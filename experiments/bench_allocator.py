@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     report = {
-        "git": git_commit(HERE.parent), "machine": machine("cpu"),
+        "git_commit": git_commit(HERE.parent), "machine": machine("cpu"),
         "command": "python experiments/bench_allocator.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": {"network": "fc", "hidden_dim": 500, "K": 10, "mc_samples": 1, "batches": args.batches,
                    "rounds": args.rounds, "calls": args.calls, "threads": args.threads,

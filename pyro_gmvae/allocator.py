@@ -18,7 +18,8 @@ keeps for itself.  It changes where tensors live, not what is computed: every re
 same bit for bit (``tests/test_allocator.py``).  :func:`pyro_gmvae.training.train` calls it.
 Where the environment sets glibc's own ``MALLOC_MMAP_THRESHOLD_`` or
 ``MALLOC_TRIM_THRESHOLD_`` (or malloc tunables in ``GLIBC_TUNABLES``) those win and nothing is
-changed; so does a C library other than glibc.
+changed; nothing is changed under another C library either.  ``experiments/bench_allocator.py``
+times a step with and without it.
 """
 
 from __future__ import annotations

@@ -231,3 +231,19 @@ def test_readme_denormal_table_comes_from_denormal_json():
     assert table == expected
     assert result["git_commit"]["sha"] and not result["git_commit"]["dirty"]
     assert {run["resolved_config"]["flush_denormal"] for s in result["settings"] for run in s["runs"]} == {False, True}
+
+
+def test_readme_allocator_rows_come_from_allocator_json():
+    result = _json("allocator.json")
+    assert result["git_commit"]["sha"] and result["git_commit"]["dirty"] is False
+    table = README[README.index("| batch | allocator | compiled step |") :].split("\n\n")[0].splitlines()[2:]
+    expected = []
+    for row in result["rows"]:
+        for setting, label in (("glibc", "glibc's own"), ("kept", "kept")):
+            c, r = row[setting]["compiled"], row[setting]["reference"]
+            expected.append(
+                f"| {row['batch_size']} | {label} | {c['median_step_ms']:.1f} ms | {c['minor_faults_per_step']:,.0f} "
+                f"| {r['median_step_ms']:.1f} ms |"
+            )
+        assert f"batch {row['batch_size']}: x{row['compiled_kept_over_glibc']:.2f}" in README
+    assert table == expected
