@@ -8,18 +8,18 @@ kept memory in turn (the order alternates by round), one after the other, never 
 A child builds the MNIST network (fc, H 500, K 10, as ``bench_speed.py``), warms up, then
 times ``--calls`` calls of the compiled training step (one ``run_epoch`` of S steps, S as in
 ``bench_speed.py``) interleaved with calls of the plain-PyTorch reference step, and counts the
-page faults (``ru_minflt``) of each.  Per batch size and setting: the median over rounds of
-each child's median step time, and the page faults per step.  Both settings compute the same
-numbers (``tests/test_allocator.py``); only the time differs.  Writes
-``experiments/results/allocator.json``.
+page faults (``ru_minflt``) of each: ``bench_speed.time_interleaved``.  Per batch size and
+setting: the median over rounds of each child's median step time, and the page faults per
+step.  Both settings compute the same numbers (``tests/test_allocator.py``); only the time
+differs.  Writes ``experiments/results/allocator.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,23 +48,13 @@ def child(batch: int, keep: bool, calls: int, threads: int) -> dict:
     sides = bench_speed.Sides({**bench_speed.BASE, "batch_size": batch}, torch.device("cpu"),
                               steps=bench_speed.steps_per_call(batch, None))  # fmt: skip
     steps = {"compiled": sides.project, "reference": sides.reference}
-    for _ in range(3):  # the trace, Adam's state, the heap's first growth
-        for step in steps.values():
-            step()
-    times = {name: [] for name in steps}
-    faults = {name: 0 for name in steps}
-    for _ in range(calls):
-        for name, step in steps.items():
-            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - t0) / sides.steps_per_call)
-            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    # bench_speed's interleaved timing, ``calls`` calls a side after 3 warm-up rounds (the trace,
+    # Adam's state, the heap's first growth); no time budget: the calls end it
+    timed = bench_speed.time_interleaved(steps, torch.device("cpu"), batch, warmup=3, min_steps=calls,
+                                         max_steps=calls, budget_s=math.inf, per_call=sides.steps_per_call)  # fmt: skip
     out = {"allocator": applied, "steps_per_call": sides.steps_per_call}
-    for name, ts in times.items():
-        out[name] = {
-            "median_step_s": statistics.median(ts),
-            "minor_faults_per_step": faults[name] / (calls * sides.steps_per_call),
-        }
+    for name in steps:
+        out[name] = {key: timed[name][key] for key in ("median_step_s", "minor_faults_per_step")}
     return out
 
 
