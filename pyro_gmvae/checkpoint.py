@@ -12,6 +12,7 @@ import io
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,12 +97,19 @@ def load_checkpoint(path: Path, map_location="cpu", required: tuple[str, ...] = 
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"no checkpoint at {path}; train a run there first (experiments/run.py --out ...)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise UserInputError(
-            f"checkpoint {path} is unreadable ({type(err).__name__}); it is truncated or not a pyro_gmvae checkpoint"
-        ) from None
+    # torch warns about what it finds in a file's bytes (random bytes can read as "pickle protocol
+    # 237"): an unreadable file gets the one line below only; a readable one's warnings are shown
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:
+            raise UserInputError(
+                f"checkpoint {path} is unreadable ({type(err).__name__}); "
+                "it is truncated or not a pyro_gmvae checkpoint"
+            ) from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserInputError(f"{path} is not a pyro_gmvae checkpoint (no '{FORMAT}' marker)")
     if state.get("version") != VERSION:

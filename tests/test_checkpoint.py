@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -168,3 +169,14 @@ def test_resume_from_a_bad_checkpoint_gives_one_line(case, resume_results):
     for word in case[3]:
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
     assert after == before, "the run folder was changed"
+
+
+def test_bytes_that_torch_warns_about_are_refused_without_its_warning(tmp_path):
+    """Random bytes that open like a pickle of protocol 237 made torch warn before our one line."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"\x80\xed" + bytes(range(256)) * 40)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserInputError, match="unreadable"):
+            ckpt.load_checkpoint(path)
+    assert [str(w.message) for w in caught] == []
