@@ -37,6 +37,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from torch.distributions import constraints
 
 from pyro_gmvae.config import ELBO_MODES, non_negative_number
+from pyro_gmvae.densities import normal_log_density_table
 
 TERM_NAMES = ("recon", "cond_prior", "w_prior", "z_prior", "cv", "elbo", "loss")
 
@@ -63,8 +64,12 @@ class Regularization:
 
 
 def log_component_densities(loc: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log N(x; loc_k, diag scale_k^2) for every k: (..., K, Dx) x (..., Dx) -> (..., K)."""
-    return dist.Normal(loc, scale).log_prob(x.unsqueeze(-2)).sum(-1)
+    """log N(x; loc_k, diag scale_k^2) for every k: (..., K, Dx) x (..., Dx) -> (..., K).
+
+    ``Normal(loc, scale).log_prob(x.unsqueeze(-2)).sum(-1)``, values and gradients bit for
+    bit, with a shorter backward pass: :func:`pyro_gmvae.densities.normal_log_density_table`.
+    """
+    return normal_log_density_table(loc, scale, x)
 
 
 def cluster_log_posterior(log_weights: torch.Tensor, loc, scale, x) -> torch.Tensor:
