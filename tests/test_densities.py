@@ -4,7 +4,14 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from pyro_gmvae import densities
 from pyro_gmvae.densities import _NormalTable, normal_log_density_table
+
+
+@pytest.fixture(autouse=True)
+def every_table_by_hand(monkeypatch):
+    """The hand-written backward for tables of every size (by default from MIN_TABLE_ELEMENTS)."""
+    monkeypatch.setattr(densities, "MIN_TABLE_ELEMENTS", 0)
 
 
 def normal_table(loc, scale, x):
@@ -59,6 +66,12 @@ def test_the_hand_written_backward_runs_on_the_usual_shapes(monkeypatch):
     loc, scale, x, weight = inputs((2, 8, 10, 6), torch.float32, 1.0)
     value_and_grads(normal_log_density_table, loc, scale, x, weight)
     assert calls == [torch.Size([2, 8, 10])]
+    monkeypatch.setattr(densities, "MIN_TABLE_ELEMENTS", loc.numel() + 1)  # smaller tables: Normal.log_prob
+    value_and_grads(normal_log_density_table, loc, scale, x, weight)
+    assert len(calls) == 1
+    monkeypatch.setattr(densities, "MIN_TABLE_ELEMENTS", loc.numel())
+    value_and_grads(normal_log_density_table, loc, scale, x, weight)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize(
