@@ -82,9 +82,10 @@ class _NormalTable(torch.autograd.Function):
 
 
 #: Smallest table (elements of (..., K, Dx)) that takes the hand-written backward.  It is a
-#: Python function, one call forward and one backward: in a compiled MNIST step (fc, K 10,
-#: Dx 200) that costs about 0.2 ms more at batch 8 (16,000 elements) and saves about 1 ms at
-#: batch 256 (512,000).  Smaller tables go through Normal.log_prob: the same numbers.
+#: Python function, one call forward and one backward, which a small table does not repay
+#: (``experiments/bench_densities.py``: more process CPU time with it at batch 8 of the MNIST
+#: network, 16,000 elements; less from batch 32, 64,000, on).  Smaller tables go through
+#: Normal.log_prob: the same numbers.
 MIN_TABLE_ELEMENTS = 65536
 
 
