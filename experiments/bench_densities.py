@@ -16,13 +16,13 @@ Writes ``experiments/results/densities.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -38,16 +38,6 @@ HERE = Path(__file__).resolve().parent
 THRESHOLDS = {"by_hand": 0, "normal_log_prob": math.inf}  # the reference (Normal.log_prob) last
 
 
-@contextlib.contextmanager
-def threshold(elements: float):
-    saved = densities.MIN_TABLE_ELEMENTS
-    densities.MIN_TABLE_ELEMENTS = elements
-    try:
-        yield
-    finally:
-        densities.MIN_TABLE_ELEMENTS = saved
-
-
 def run_case(batch: int, calls: int) -> dict:
     steps = bench_speed.steps_per_call(batch, None)
     case = {**bench_speed.BASE, "batch_size": batch * steps}
@@ -59,7 +49,7 @@ def run_case(batch: int, calls: int) -> dict:
         optimizer = adam(loss_module.parameters(), config.lr)
 
         def call():
-            with threshold(elements):  # read when the graph is traced, at the first call
+            with mock.patch.object(densities, "MIN_TABLE_ELEMENTS", elements):  # read when the graph is traced
                 return run_epoch(lambda y: loss_module(y) / len(y), optimizer, data, batch, order)
 
         return call

@@ -84,8 +84,8 @@ class _NormalTable(torch.autograd.Function):
 #: Smallest table (elements of (..., K, Dx)) that takes the hand-written backward.  It is a
 #: Python function, one call forward and one backward, which a small table does not repay
 #: (``experiments/bench_densities.py``: more process CPU time with it at batch 8 of the MNIST
-#: network, 16,000 elements; less from batch 32, 64,000, on).  Smaller tables go through
-#: Normal.log_prob: the same numbers.
+#: network, 16,000 elements; less from batch 32, 64,000, on, so the bound could be lower; it
+#: was set before that run).  Smaller tables go through Normal.log_prob: the same numbers.
 MIN_TABLE_ELEMENTS = 65536
 
 
