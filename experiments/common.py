@@ -39,12 +39,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":", 1)[0].strip() == name:
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_signature() -> dict:
+    """What decides how a CPU rounds float32 training: the model name, the family and model
+    numbers of /proc/cpuinfo (two AMD EPYC generations share the name) and torch's vector
+    kernels (``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512, ...)."""
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_family": _cpuinfo_field("cpu family"),
+        "cpu_model_number": _cpuinfo_field("model"),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
 def machine(device: str | torch.device = "cpu") -> dict:
     """Where a result was measured: CPU, cores, torch threads, platform, versions and device."""
     device = torch.device(device)
     name = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
     return {
-        "cpu_model": cpu_model(),
+        **cpu_signature(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

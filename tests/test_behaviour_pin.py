@@ -13,7 +13,11 @@ number of CPU threads, so the subprocess runs with one (the recording's).  They 
 the CPU family (torch and MKL pick other vector kernels, which round float32 otherwise: the
 spiral default's first epoch already differs in the third digit between the AMD EPYC and the
 Intel Xeon machines this project runs on), so each family has its own recording, made by the
-same commands at the same code; on a CPU without one the pins skip, saying so.
+same commands at the same code; on a CPU without one the pins skip, saying so.  The model name
+alone does not tell: an AMD EPYC of family 25, model 1, where torch runs AVX2 kernels, trains
+the spiral default's first epoch to another recon in the fourth digit than the AMD EPYC of the
+first recording (at that recording's own commit, 4a53b3b), so a recording names the
+signature it was made on (:func:`common.cpu_signature`; the first two name only the model).
 """
 
 from __future__ import annotations
@@ -25,24 +29,31 @@ import sys
 from pathlib import Path
 
 import pytest
-from common import cpu_model
+from common import cpu_signature
 
 REPO = Path(__file__).resolve().parents[1]
-# The recordings per CPU model (/proc/cpuinfo's model name).
-RECORDINGS = {
-    "AMD EPYC": REPO / "tests" / "fixtures",
-    "Intel(R) Xeon(R) Processor": REPO / "tests" / "fixtures" / "intel-xeon",
-}
+FIXTURES = REPO / "tests" / "fixtures"
+# The recordings, each with the part of the CPU signature (common.cpu_signature) it was made
+# on; the first whose every entry matches this CPU's is used, so the most specific come first.
+RECORDINGS = [
+    (
+        {"cpu_model": "AMD EPYC", "cpu_family": "25", "cpu_model_number": "1", "torch_cpu_capability": "AVX2"},
+        FIXTURES / "amd-epyc-25-1-avx2",
+    ),
+    ({"cpu_model": "AMD EPYC"}, FIXTURES),  # the first machine; its numbers and kernels were not noted
+    ({"cpu_model": "Intel(R) Xeon(R) Processor"}, FIXTURES / "intel-xeon"),
+]
 THREADS = "1"  # torch's intra-op thread count of the recording
 TIMING_KEYS = {"seconds", "elapsed"}
 
 
 def _recording() -> Path:
     """The folder of this CPU's recording; skip where none was made."""
-    model = cpu_model()
-    if model not in RECORDINGS:
-        pytest.skip(f"no behaviour recording for this CPU ({model}); float32 results differ between CPU families")
-    return RECORDINGS[model]
+    signature = cpu_signature()
+    for made_on, folder in RECORDINGS:
+        if all(signature[key] == value for key, value in made_on.items()):
+            return folder
+    pytest.skip(f"no behaviour recording for this CPU ({signature}); float32 results differ between CPU families")
 
 
 def _rows(path: Path) -> list[dict]:
