@@ -12,6 +12,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.distributions import constraints
+from torch.distributions.utils import _sum_rightmost
 from torch.nn import functional as F
 
 from pyro_gmvae.networks import positive_scale
@@ -27,10 +28,26 @@ class GreyBernoulli(dist.Bernoulli):
     support = constraints.unit_interval
 
     def log_prob(self, value):
+        return -self.cross_entropy(value)
+
+    def cross_entropy(self, value):
+        """``-log_prob(value)``: ``binary_cross_entropy_with_logits`` per element."""
         if self._validate_args:
             self._validate_sample(value)
         logits, value = torch.broadcast_tensors(self.logits, value)
-        return -F.binary_cross_entropy_with_logits(logits, value, reduction="none")
+        return F.binary_cross_entropy_with_logits(logits, value, reduction="none")
+
+
+class GreyBernoulliImage(dist.Independent):
+    """``GreyBernoulli(logits).to_event(n)`` whose ``log_prob`` negates after the sum over the image.
+
+    ``-(sum of the cross-entropies)`` where ``Independent`` sums their negations: the same
+    floats (negation is exact and rounding symmetric in sign, and the sum runs in the same
+    order), without a pass over the (B, *data_shape) tensor forward and another backward.
+    """
+
+    def log_prob(self, value):
+        return -_sum_rightmost(self.base_dist.cross_entropy(value), self.reinterpreted_batch_ndims)
 
 
 class Likelihood(nn.Module):
@@ -57,7 +74,7 @@ class BernoulliLikelihood(Likelihood):
 
     def forward(self, decoder_out, data_dims):
         logits = decoder_out.select(-data_dims - 1, 0)
-        return GreyBernoulli(logits=logits).to_event(data_dims)
+        return GreyBernoulliImage(GreyBernoulli(logits=logits), data_dims)
 
 
 class GaussianLikelihood(Likelihood):

@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyro_gmvae.densities import StandardNormal
 from pyro_gmvae.networks import PriorNetwork
 
 
@@ -56,9 +57,13 @@ class MixturePrior(nn.Module):
         self.cluster_logits.copy_((weights / weights.sum()).log())
 
     def p_w(self, batch_size: int) -> dist.TorchDistribution:
-        """N(0, I) over w, batch shape (B,), event shape (Dw,)."""
-        zero = self.cluster_logits.new_zeros(batch_size, self.w_dim)
-        return dist.Normal(zero, 1.0).to_event(1)
+        """N(0, I) over w, batch shape (B,), event shape (Dw,).
+
+        A :class:`~pyro_gmvae.densities.StandardNormal`: ``Normal(0, 1)`` with a shorter
+        ``log_prob`` (the same numbers).
+        """
+        like = self.cluster_logits
+        return StandardNormal((batch_size, self.w_dim), like.dtype, like.device).to_event(1)
 
     def p_z(self, batch_size: int) -> dist.TorchDistribution:
         """Categorical(pi), batch shape (B,)."""
