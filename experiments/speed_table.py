@@ -29,8 +29,12 @@ def header(r: dict) -> str:
     commit = (git.get("commit") or "unknown")[:10]
     dirty = " (with uncommitted library changes)" if git.get("library_files_changed_since_commit") else ""
     end = "load_average_end" if "load_average_end" in m else "load_average_now"
+    cpu = m["cpu_model"]
+    if m.get("cpu_family") is not None:  # recorded since the behaviour pins told two AMD EPYC machines apart
+        kernels = m["torch_cpu_capability"]
+        cpu += f" (family {m['cpu_family']}, model {m['cpu_model_number']}, torch's {kernels} kernels)"
     return (
-        f"Machine: {m['cpu_model']}, {m['cpu_count']} cores, torch {r['torch']} with {m['torch_threads']} threads, "
+        f"Machine: {cpu}, {m['cpu_count']} cores, torch {r['torch']} with {m['torch_threads']} threads, "
         f"pyro {r['pyro']}; GPU: {r['gpu'] or r['gpu_note']}. Commit {commit}{dirty}. Load average (1, 5, 15 min) "
         f"{_load(m, 'load_average_start')} at the start and {_load(m, end)} "
         f"at the end (other jobs shared the cores), so absolute times are noisy; the ratios come from interleaved "
