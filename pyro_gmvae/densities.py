@@ -122,9 +122,9 @@ def normal_log_density_table(loc: torch.Tensor, scale: torch.Tensor, x: torch.Te
 class StandardNormal(dist.Normal):
     """N(0, 1) of batch shape ``shape``: p(w) of the GMVAE.
 
-    ``Normal(0, 1)`` (``loc`` and ``scale`` an expanded 0 and 1) in all but ``log_prob``, which is Normal's formula
-    ``-((x - loc) ** 2) / (2 * scale ** 2) - log(scale) - log(sqrt(2 pi))`` at ``loc = 0`` and
-    ``scale = 1`` with the exact identities left out: ``x - 0`` is ``x`` (also at -0),
+    ``Normal(0, 1)`` (``loc`` and ``scale`` an expanded 0 and 1) in all but ``log_prob``, which
+    is Normal's formula ``-((x - loc) ** 2) / (2 * scale ** 2) - log(scale) - log(sqrt(2 pi))``
+    at ``loc = 0`` and ``scale = 1`` with the exact identities left out: ``x - 0`` is ``x`` (also at -0),
     subtracting ``log 1 = 0`` changes nothing, and ``-a / 2`` is ``a / -2`` (rounding is
     symmetric in sign).  So ``x ** 2 / -2 - log(sqrt(2 pi))``: 3 passes over the (..., Dw)
     tensor where ``Normal.log_prob`` makes 9 (its ``scale ** 2`` and ``log(scale)`` of an
@@ -143,8 +143,8 @@ class StandardNormal(dist.Normal):
         return super().expand(batch_shape, _instance=new)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if value.dtype != self.loc.dtype or torch.broadcast_shapes(value.shape, self.loc.shape) != value.shape:
-            return super().log_prob(value)
-        if self._validate_args:
+        if self._validate_args:  # first, so that a value of the wrong shape gets Normal's error
             self._validate_sample(value)
+        if value.dtype != self.loc.dtype or torch.broadcast_shapes(value.shape, self.loc.shape) != value.shape:
+            return super().log_prob(value)  # promotes or broadcasts, as Normal does
         return value**2 / -2 - LOG_SQRT_2PI

@@ -17,7 +17,7 @@ same commands at the same code; on a CPU without one the pins skip, saying so.  
 alone does not tell: an AMD EPYC of family 25, model 1, where torch runs AVX2 kernels, trains
 the spiral default's first epoch to another recon in the fourth digit than the AMD EPYC of the
 first recording (at that recording's own commit, 4a53b3b), so a recording names the
-signature it was made on (:func:`common.cpu_signature`; the first two name only the model).
+signature it was made on (:func:`common.cpu_signature`; the two earlier ones name only the model).
 """
 
 from __future__ import annotations

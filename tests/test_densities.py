@@ -198,9 +198,13 @@ def test_standard_normal_falls_back_where_normal_would_broadcast_or_promote(x_sh
     assert fast.shape == plain.shape and fast.dtype == plain.dtype and torch.equal(fast, plain)
 
 
-def test_standard_normal_validates_as_normal_does():
-    with pytest.raises(ValueError, match="found invalid values"):
-        StandardNormal((2, 3)).log_prob(torch.tensor([[0.0, float("nan"), 1.0]] * 2))
+@pytest.mark.parametrize("value", [torch.tensor([[0.0, float("nan"), 1.0]] * 2), torch.zeros(4)], ids=["nan", "shape"])
+def test_standard_normal_validates_as_normal_does(value):
+    with pytest.raises(ValueError) as fast:
+        StandardNormal((2, 3)).log_prob(value)
+    with pytest.raises(ValueError) as plain:
+        dist.Normal(torch.zeros(2, 3), 1.0).log_prob(value)
+    assert str(fast.value) == str(plain.value).replace("Normal(", "StandardNormal(")  # the message names the class
 
 
 # --- p(y | x): the Bernoulli image ---------------------------------------------------
