@@ -30,31 +30,32 @@ def locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+def _cpuinfo() -> dict:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    fields = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+            key, colon, value = line.partition(":")
+            if colon:
+                fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
-def _cpuinfo_field(name: str) -> str | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip() == name:
-                return line.split(":", 1)[1].strip()
-    return None
+def cpu_model(info: dict | None = None) -> str:
+    """The CPU's model name from /proc/cpuinfo (or ``info``, its fields), else what ``platform`` knows."""
+    name = (_cpuinfo() if info is None else info).get("model name")
+    return name or platform.processor() or platform.machine()
 
 
 def cpu_signature() -> dict:
     """What decides how a CPU rounds float32 training: the model name, the family and model
     numbers of /proc/cpuinfo (two AMD EPYC generations share the name) and torch's vector
     kernels (``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512, ...)."""
+    info = _cpuinfo()
     return {
-        "cpu_model": cpu_model(),
-        "cpu_family": _cpuinfo_field("cpu family"),
-        "cpu_model_number": _cpuinfo_field("model"),
+        "cpu_model": cpu_model(info),
+        "cpu_family": info.get("cpu family"),
+        "cpu_model_number": info.get("model"),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
